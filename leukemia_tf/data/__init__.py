@@ -1,0 +1,1 @@
+"""Data: image reading, splits and the tf.data input pipeline."""
