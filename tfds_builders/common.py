@@ -154,23 +154,61 @@ def assign_splits(
     return out
 
 
+def split_generators(
+    by_split: Mapping[str, Sequence[Record]],
+    generate: Callable[..., Iterator[tuple[str, dict]]],
+    dataset: str,
+    skip_bad_files: bool = False,
+) -> dict[str, Iterator[tuple[str, dict]]]:
+    """The ``_split_generators`` result: one generator per split, sharing one bad-file report.
+
+    TFDS runs the split generators one after the other, in this order, so the
+    last one raises (or logs) the list of bad files of *every* split: a build
+    with bad files in several splits names all of them, not only the first
+    split's.
+
+    Args:
+      by_split: split name -> records.
+      generate: the builder's ``_generate_examples``; called as
+        ``generate(records, collector=..., finish=...)``.
+      dataset: name used in messages.
+      skip_bad_files: skip bad files instead of failing.
+    """
+    collector = images.BadFileCollector(dataset, skip_bad_files, logger=logging.warning)
+    last = list(by_split)[-1] if by_split else None
+    return {
+        name: generate(records, collector=collector, finish=name == last)
+        for name, records in by_split.items()
+    }
+
+
 def generate_examples(
     records: Iterable[Record],
     dataset: str,
     skip_bad_files: bool = False,
+    collector: images.BadFileCollector | None = None,
+    finish: bool = True,
 ) -> Iterator[tuple[str, dict]]:
     """Yields ``(key, example)`` for TFDS; bad files fail the build (all named) or are skipped.
 
     Every record's image is fully decoded once here (see
     :func:`leukemia_tf.data.images.read_image`).
+
+    Args:
+      records: the split's records.
+      dataset: name used in messages.
+      skip_bad_files: skip bad files instead of failing (when no collector is given).
+      collector: a report shared by several splits (see :func:`split_generators`).
+      finish: raise / log the report after this split.
     """
-    collector = images.BadFileCollector(dataset, skip_bad_files, logger=logging.warning)
+    if collector is None:
+        collector = images.BadFileCollector(dataset, skip_bad_files, logger=logging.warning)
 
     def encode(record: Record) -> bytes:
         encoded, _ = images.read_image(record.path)
         return encoded
 
-    for record, encoded in collector.map(encode, records):
+    for record, encoded in collector.map(encode, records, finish=finish):
         example = {
             "image": encoded,
             "label": record.label,

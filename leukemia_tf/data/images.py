@@ -151,11 +151,18 @@ class BadFileCollector:
         self.bad: list[BadImageError] = []
         self._logger = logger or (lambda message: None)
 
-    def map(self, fn: Callable[[T], object], items: Iterable[T]) -> Iterator[tuple[T, object]]:
+    def map(
+        self, fn: Callable[[T], object], items: Iterable[T], finish: bool = True
+    ) -> Iterator[tuple[T, object]]:
         """Yields ``(item, fn(item))`` for each item whose ``fn`` did not raise BadImageError.
 
-        After the last item: raises :class:`BadImageError`-listing ``ValueError``
-        when there were bad files and ``skip_bad_files`` is off.
+        Args:
+          fn: the per-item function.
+          items: the items.
+          finish: after the last item, call :meth:`finish` (raise a
+            ``ValueError`` listing every bad file seen so far by this
+            collector when ``skip_bad_files`` is off). Pass False for all but
+            the last of several passes that share the collector.
         """
         for item in items:
             try:
@@ -166,16 +173,17 @@ class BadFileCollector:
                     self._logger(f"{self.dataset}: skipping bad image {e}")
                 continue
             yield item, result
-        self.finish()
+        if finish:
+            self.finish()
 
     def finish(self) -> None:
         if not self.bad:
             return
         listing = "\n".join(f"  {e}" for e in self.bad)
         if self.skip_bad_files:
-            self._logger(f"{self.dataset}: skipped {len(self.bad)} bad image file(s):\n{listing}")
+            self._logger(f"{self.dataset}: skipped {len(self.bad)} bad file(s):\n{listing}")
             return
         raise ValueError(
-            f"{self.dataset}: {len(self.bad)} bad image file(s); fix or remove them, or "
+            f"{self.dataset}: {len(self.bad)} bad file(s); fix or remove them, or "
             f"build with skip_bad_files=True (--skip_bad_files) to skip them:\n{listing}"
         )

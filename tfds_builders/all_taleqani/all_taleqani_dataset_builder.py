@@ -71,7 +71,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         ]
         # No patient ids in this release (89 patients): image-level splits only.
         by_split = common.assign_splits(records)
-        return {split: self._generate_examples(recs) for split, recs in by_split.items()}
+        return common.split_generators(
+            by_split, self._generate_examples, self.name, self._skip_bad_files
+        )
 
-    def _generate_examples(self, records):
-        yield from common.generate_examples(records, self.name, self._skip_bad_files)
+    def _generate_examples(self, records, collector=None, finish=True):
+        yield from common.generate_examples(
+            records, self.name, self._skip_bad_files, collector=collector, finish=finish
+        )
