@@ -103,6 +103,27 @@ def find_anchor_dirs(
     return found
 
 
+def find_single_anchor_dir(
+    manual_dir: Path,
+    predicate: Callable[[Path], bool],
+    dataset: str,
+    what: str,
+    instructions: str,
+) -> Path:
+    """The one directory under ``manual_dir`` for which ``predicate`` holds.
+
+    Raises:
+      ManualDirError: none found, or several (two copies of the data set).
+    """
+    found = find_anchor_dirs(manual_dir, predicate, dataset, what, instructions)
+    if len(found) > 1:
+        raise ManualDirError(
+            f"{dataset}: found {len(found)} copies of the {what} under {manual_dir}: "
+            f"{[str(d) for d in found]}; keep one copy of the data set there."
+        )
+    return found[0]
+
+
 def subdir_names(directory: Path) -> set[str]:
     try:
         return {p.name for p in directory.iterdir() if p.is_dir()}

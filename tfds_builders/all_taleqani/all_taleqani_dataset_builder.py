@@ -47,19 +47,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _anchor(self, manual_dir: Path) -> Path:
         folder = "Original" if self.builder_config.name == "original" else "Segmented"
-        anchors = common.find_anchor_dirs(
+        return common.find_single_anchor_dir(
             manual_dir,
             lambda d: d.name == folder and set(_NAMES) <= common.subdir_names(d),
             self.name,
             f"'{folder}/' folder with the class folders {list(_NAMES)}",
             _INSTRUCTIONS,
         )
-        if len(anchors) > 1:
-            raise common.ManualDirError(
-                f"{self.name}: several '{folder}/' folders under {manual_dir}: "
-                f"{[str(a) for a in anchors]}; keep one copy of the data set there."
-            )
-        return anchors[0]
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = common.require_manual_dir(dl_manager.manual_dir, self.name, _INSTRUCTIONS)

@@ -123,19 +123,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _anchor(self, manual_dir: Path) -> Path:
         # Any folder with class-code sub-folders: a user may have only some
         # classes (e.g. a subset re-encoded as JPEG).
-        anchors = common.find_anchor_dirs(
+        return common.find_single_anchor_dir(
             manual_dir,
             lambda d: bool(set(CLASS_CODES) & common.subdir_names(d)),
             self.name,
             f"folder holding class folders named by the codes {list(CLASS_CODES)}",
             _INSTRUCTIONS,
         )
-        if len(anchors) > 1:
-            raise common.ManualDirError(
-                f"{self.name}: several folders holding class folders under {manual_dir}: "
-                f"{[str(a) for a in anchors]}; keep one copy of the data set there."
-            )
-        return anchors[0]
 
     def _annotations(self, manual_dir: Path) -> Mapping[str, tuple[str, str]]:
         found = sorted(

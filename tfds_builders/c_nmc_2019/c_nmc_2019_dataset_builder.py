@@ -87,13 +87,7 @@ def parse_uid_name(name: str) -> UidName:
 
 def _find_one(manual_dir: Path, predicate: Callable[[Path], bool], dataset: str, what: str) -> Path:
     """The single directory under ``manual_dir`` for which ``predicate`` holds."""
-    found = common.find_anchor_dirs(manual_dir, predicate, dataset, what, _INSTRUCTIONS)
-    if len(found) > 1:
-        raise common.ManualDirError(
-            f"{dataset}: several {what} under {manual_dir}: {[str(d) for d in found]}; "
-            "keep one copy of the data set there."
-        )
-    return found[0]
+    return common.find_single_anchor_dir(manual_dir, predicate, dataset, what, _INSTRUCTIONS)
 
 
 def _has_bmp(directory: Path) -> bool:

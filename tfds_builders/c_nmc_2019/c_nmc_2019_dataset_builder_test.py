@@ -209,7 +209,7 @@ def test_missing_parts_are_manual_dir_errors(tmp_path, remove, expected):
 def test_two_copies_of_the_data_are_refused(tmp_path):
     root = _copy(tmp_path)
     shutil.copytree(_KAGGLE, root / "kaggle_copy")
-    with pytest.raises(common.ManualDirError, match="several 'fold_0/' folder"):
+    with pytest.raises(common.ManualDirError, match="found 2 copies of the 'fold_0/' folder"):
         cnmc.collect_records(root)
 
 

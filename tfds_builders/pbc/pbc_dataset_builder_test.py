@@ -84,7 +84,7 @@ def test_two_copies_are_an_error(tmp_path):
     manual = tmp_path / "manual"
     shutil.copytree(_ANCHOR, manual / "a" / "PBC_dataset_normal_DIB")
     shutil.copytree(_ANCHOR, manual / "b" / "PBC_dataset_normal_DIB")
-    with pytest.raises(common.ManualDirError, match="several folders"):
+    with pytest.raises(common.ManualDirError, match="found 2 copies of the folder"):
         _build(manual, tmp_path / "data")
 
 
