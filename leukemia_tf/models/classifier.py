@@ -1,0 +1,119 @@
+"""The classifier: pixels -> backbone -> flat or hierarchical head.
+
+A Keras functional model, so it saves to ``.keras``, reloads without code
+beyond this package (the custom layers are registered serializable), and runs
+under any ``tf.distribute`` strategy. Augmentation is *not* inside it: the
+training step applies :func:`leukemia_tf.models.build_augmenter` before the
+model, so evaluation, inference and export see the plain model.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from leukemia_tf.models.heads import FlatHead, HierarchicalHead
+from leukemia_tf.models.registry import build_backbone, get_backbone_spec
+from leukemia_tf.taxonomy import Taxonomy
+
+HEADS = ("flat", "hierarchical")
+
+#: Name of the classifier's input.
+INPUT_NAME = "pixels"
+
+
+def build_classifier(
+    *,
+    backbone: str,
+    head: str,
+    num_classes: int | None = None,
+    taxonomy: Taxonomy | None = None,
+    image_size: int,
+    weights: str = "none",
+    dropout: float = 0.2,
+    hidden_units: int = 0,
+    bn_momentum: float | None = None,
+    drop_path_rate: float = 0.0,
+    name: str | None = None,
+) -> keras.Model:
+    """Builds a classifier.
+
+    Args:
+      backbone: registry name (see ``list_backbones``).
+      head: ``"flat"`` or ``"hierarchical"``.
+      num_classes: classes of a flat head; default ``len(taxonomy.leaves)``.
+      taxonomy: the label tree; required for a hierarchical head.
+      image_size: input side S in pixels.
+      weights: ``"imagenet"``, ``"none"`` or a weights file (see
+        ``build_backbone``).
+      dropout: dropout rate in the head.
+      hidden_units: width of an optional hidden layer in the head; 0 = none.
+      bn_momentum: BatchNorm momentum override for the backbone.
+      drop_path_rate: stochastic depth of the backbone.
+      name: model name; default ``"<backbone>_<head>"``.
+
+    Returns:
+      A functional ``keras.Model``: input ``"pixels"`` float32 ``[B, S, S, 3]``
+      in [0, 255] (uint8 is accepted and cast); outputs ``{"logits": [B, C]}``
+      (flat) or ``{"level_0": [B, n_0], ...}`` (hierarchical), all float32.
+
+    Raises:
+      ValueError: bad head, missing taxonomy or class count, and everything
+        ``build_backbone`` rejects.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "hierarchical" and taxonomy is None:
+        raise ValueError("a hierarchical head needs a taxonomy")
+    if head == "flat":
+        if num_classes is None:
+            if taxonomy is None:
+                raise ValueError("a flat head needs num_classes or a taxonomy (its leaves)")
+            num_classes = len(taxonomy.leaves)
+        head_layer = FlatHead(num_classes, dropout, hidden_units, name="head")
+    else:
+        head_layer = HierarchicalHead(taxonomy, dropout, hidden_units, name="head")
+    get_backbone_spec(backbone)  # fail on an unknown name before any build
+    features_model = build_backbone(
+        backbone,
+        image_size=image_size,
+        weights=weights,
+        bn_momentum=bn_momentum,
+        drop_path_rate=drop_path_rate,
+    )
+    # float32 input: the backbone normalises in float32 before any cast to the
+    # compute dtype, and a uint8 batch is cast by the functional model.
+    pixels = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
+    features = features_model(pixels)
+    outputs = head_layer(features)
+    if head == "flat":
+        outputs = {"logits": outputs}
+    return keras.Model(pixels, outputs, name=name or f"{backbone}_{head}")
+
+
+def get_backbone(model: keras.Model) -> keras.Model:
+    """The backbone sub-model of a classifier built by :func:`build_classifier`."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(nested) != 1:
+        raise ValueError(
+            f"model '{model.name}' is not a classifier of this package: expected one nested "
+            f"backbone model, found {[layer.name for layer in nested]}"
+        )
+    return nested[0]
+
+
+def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
+    """Freezes or unfreezes the backbone (two-stage fine-tuning).
+
+    A frozen backbone gets no gradient updates and its BatchNorm layers run
+    in inference mode (Keras 3: a BatchNormalization layer with
+    ``trainable=False`` uses its moving statistics even when called with
+    ``training=True``, and does not update them). The head stays trainable.
+
+    After a change, rebuild the optimizer's variable list (or the compiled
+    train step): ``model.trainable_variables`` changes.
+
+    Args:
+      model: a classifier from :func:`build_classifier`.
+      trainable: False to freeze, True to unfreeze.
+    """
+    get_backbone(model).trainable = bool(trainable)
