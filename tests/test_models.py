@@ -419,12 +419,17 @@ def test_no_imagenet_weights_for_scratch_backbones():
 def test_vit_imagenet_presets_exist_in_keras_hub():
     known = set(keras_hub.models.ViTBackbone.presets)
     for presets in backbones_lib.VIT_IMAGENET_PRESETS.values():
-        assert set(presets.values()) <= known
+        # keras-hub presets by name; Hugging Face ports through keras-hub's
+        # transformers converter (the keras-hub loader for "hf://" handles).
+        assert all(p in known or p.startswith("hf://") for p in presets.values())
     assert backbones_lib.vit_imagenet_preset("vit_base_patch16", 224).endswith("_224_imagenet")
     assert backbones_lib.vit_imagenet_preset("vit_base_patch16", 128).endswith("_224_imagenet")
     assert backbones_lib.vit_imagenet_preset("vit_base_patch16", 256).endswith("_384_imagenet")
-    with pytest.raises(ValueError, match="no ImageNet weights for 'vit_small_patch16'") as info:
-        backbones_lib.vit_imagenet_preset("vit_small_patch16", 224)
+    assert backbones_lib.vit_imagenet_preset("vit_small_patch16", 224) == (
+        "hf://WinKawaks/vit-small-patch16-224"
+    )
+    with pytest.raises(ValueError, match="no ImageNet weights are known for 'vit_x'") as info:
+        backbones_lib.vit_imagenet_preset("vit_x", 224)
     assert "vit_base_patch16_224_imagenet" in str(info.value)
 
 

@@ -194,9 +194,15 @@ VIT_CONFIGS = {
 }
 _VIT_PATCH = 16
 
-#: keras-hub ImageNet presets by registry name and native resolution. keras-hub
-#: publishes ViT-B/L/H only; tiny and small have no ImageNet weights there.
+#: ImageNet presets by registry name and native resolution. keras-hub
+#: publishes ViT-B/L/H only; for tiny and small, keras-hub's Hugging Face
+#: converter (``keras_hub/src/utils/transformers/convert_vit.py``) reads the
+#: transformers-format ports of timm's AugReg ViT-Ti/16 and ViT-S/16
+#: (ImageNet-21k pre-trained, ImageNet-1k fine-tuned; normalised with mean and
+#: std 0.5 like the keras-hub presets).
 VIT_IMAGENET_PRESETS = {
+    "vit_tiny_patch16": {224: "hf://WinKawaks/vit-tiny-patch16-224"},
+    "vit_small_patch16": {224: "hf://WinKawaks/vit-small-patch16-224"},
     "vit_base_patch16": {
         224: "vit_base_patch16_224_imagenet",
         384: "vit_base_patch16_384_imagenet",
@@ -234,7 +240,7 @@ def vit_imagenet_preset(name: str, image_size: int) -> str:
 
         available = ", ".join(sorted(keras_hub.models.ViTBackbone.presets))
         raise ValueError(
-            f"keras-hub has no ImageNet weights for '{name}' (its ViT presets: {available}). "
+            f"no ImageNet weights are known for '{name}' (keras-hub ViT presets: {available}). "
             "Use weights='none' (from scratch), a local weights file, or 'vit_base_patch16'"
         )
     native = sorted(presets)

@@ -1,0 +1,1 @@
+"""Training: the typed config, the strategy/precision set-up and the training loop."""

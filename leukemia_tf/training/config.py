@@ -1,0 +1,312 @@
+"""The one typed training configuration, built from flags and validated once.
+
+Every field carries its flag's help text (``help``) and, for enumerations, the
+allowed values (``choices``). :func:`define_flags` declares one absl flag per
+field, so ``train.py`` and ``tune.py`` share them; :meth:`TrainConfig.from_flags`
+reads them back, :meth:`TrainConfig.validate` checks every value (an error
+names the flag and the allowed values), and :meth:`TrainConfig.save` writes the
+resolved config (JSON) and an equivalent flagfile into ``model_dir`` so that
+every run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from absl import flags
+
+
+def _field(default, help: str, choices: Sequence[str] | None = None, **kwargs):
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": tuple(choices or ())}, **kwargs
+    )
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs. Field names are the flag names."""
+
+    # ----------------------------------------------------------------- data
+    datasets: str = _field(
+        "leukemia_synthetic",
+        "Comma-separated TFDS data sets to train on, each optionally with a sampling weight: "
+        "'all_taleqani/original:1,pbc:2'.",
+    )
+    data_dir: str = _field("", "TFDS data directory (local path or gs://). Empty: TFDS default.")
+    label_mode: str = _field(
+        "native",
+        "'native': the data set's own labels (one data set only). 'taxonomy': labels mapped "
+        "onto the taxonomy tree (required for several data sets and the hierarchical head).",
+        choices=("native", "taxonomy"),
+    )
+    taxonomy: str = _field("", "Taxonomy YAML file. Empty: the bundled configs/taxonomy.yaml.")
+    train_split: str = _field("train", "Split to train on (TFDS split syntax, e.g. 'train+validation').")
+    val_split: str = _field("validation", "Split to validate on each epoch; empty: no validation.")
+    image_size: int = _field(64, "Square input size in pixels (images are resized to it).")
+    cache: str = _field(
+        "memory",
+        "Cache decoded, resized images: 'memory', 'none', or a file path prefix.",
+    )
+    shuffle_buffer: int = _field(4096, "Shuffle buffer size (examples).")
+    deterministic: bool = _field(False, "Deterministic input order and ops (slower).")
+    seed: int = _field(0, "Random seed (weights, shuffling, augmentation).")
+
+    # ---------------------------------------------------------------- model
+    backbone: str = _field("cnn_small", "Backbone name (see leukemia_tf.models.list_backbones()).")
+    weights: str = _field(
+        "none",
+        "'imagenet' (published weights, needs internet), 'none' (random init) or a PATH to a "
+        "weights file for the backbone.",
+    )
+    head: str = _field(
+        "flat",
+        "'flat': one softmax over the classes. 'hierarchical': one softmax per taxonomy level "
+        "(needs label_mode=taxonomy).",
+        choices=("flat", "hierarchical"),
+    )
+    dropout: float = _field(0.2, "Dropout before the classifier.")
+    hidden_units: int = _field(0, "Width of a hidden dense layer in the head; 0: none.")
+    level_weights: str = _field(
+        "",
+        "Comma-separated loss weight of each taxonomy level for the hierarchical head; empty: 1 each.",
+    )
+    bn_momentum: float = _field(
+        0.0,
+        "Override BatchNorm momentum (0.9 suits from-scratch training on small sets); 0: keep the "
+        "backbone's own.",
+    )
+    drop_path_rate: float = _field(0.0, "Stochastic depth rate where the backbone supports it.")
+
+    # --------------------------------------------------------- augmentation
+    augment: bool = _field(True, "Augment training images on the accelerator.")
+    augment_magnitude: float = _field(
+        0.5, "Strength of the colour / geometry augmentation in [0, 1]; 0: flips and rotations only."
+    )
+    crop_scale_min: float = _field(
+        0.5, "Smallest area fraction of the random resized crop (1: no crop)."
+    )
+    mixup_alpha: float = _field(0.0, "MixUp Beta(alpha, alpha); 0: off.")
+    cutmix_alpha: float = _field(0.0, "CutMix Beta(alpha, alpha); 0: off.")
+
+    # ------------------------------------------------------------- training
+    epochs: int = _field(10, "Number of epochs (including the frozen-backbone epochs).")
+    steps_per_epoch: int = _field(
+        0, "Training steps per epoch; 0: one pass over the training split."
+    )
+    batch_size: int = _field(
+        32,
+        "GLOBAL batch size: the sum over all replicas and workers. Each replica gets "
+        "batch_size / num_replicas; the learning rate is not rescaled.",
+    )
+    learning_rate: float = _field(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = _field(0.05, "AdamW decoupled weight decay.")
+    warmup_epochs: float = _field(1.0, "Linear warm-up length in epochs.")
+    min_lr_ratio: float = _field(0.01, "Final learning rate of the cosine decay, as a fraction of the peak.")
+    label_smoothing: float = _field(0.1, "Label smoothing.")
+    clipnorm: float = _field(1.0, "Clip the global gradient norm to this; 0: no clipping.")
+    ema: bool = _field(False, "Keep an exponential moving average of the weights and validate / save it.")
+    ema_momentum: float = _field(0.999, "EMA momentum.")
+    class_weighting: str = _field(
+        "none",
+        "'none', or 'balanced': weight each example's loss by n / (k * count of its class).",
+        choices=("none", "balanced"),
+    )
+    freeze_epochs: int = _field(
+        0,
+        "Two-stage fine-tuning: train with the backbone frozen (BatchNorm in inference mode) for "
+        "this many epochs, then unfreeze at learning_rate * finetune_lr_factor.",
+    )
+    finetune_lr_factor: float = _field(0.1, "Learning-rate factor of the unfrozen stage.")
+    monitor: str = _field(
+        "val_macro_f1",
+        "Validation metric for the best checkpoint and early stopping.",
+        choices=("val_macro_f1", "val_accuracy", "val_balanced_accuracy", "val_loss"),
+    )
+    early_stopping_patience: int = _field(
+        0, "Stop after this many epochs without improvement of --monitor; 0: never."
+    )
+
+    # --------------------------------------------------------- performance
+    precision: str = _field(
+        "auto",
+        "Mixed-precision policy. auto: mixed_float16 on GPU, mixed_bfloat16 on TPU, float32 on CPU.",
+        choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    )
+    strategy: str = _field(
+        "auto",
+        "tf.distribute strategy. auto: tpu if --tpu is set, mirrored with several GPUs, else "
+        "default. multi_worker reads the cluster from TF_CONFIG.",
+        choices=("auto", "default", "mirrored", "multi_worker", "tpu"),
+    )
+    tpu: str = _field("", "TPU name or 'local' (Colab) for --strategy=tpu.")
+    steps_per_execution: int = _field(1, "Training steps run inside one tf.function call.")
+    xla: bool = _field(False, "Compile the training step with XLA (jit_compile).")
+
+    # ------------------------------------------------------------- outputs
+    model_dir: str = _field("", "Output directory: checkpoints, logs, the resolved config, the model.")
+    overwrite: bool = _field(
+        False, "Start afresh in a model_dir that holds a finished run (otherwise refused)."
+    )
+    verbose: int = _field(1, "0: quiet, 1: progress bar per epoch, 2: one line per epoch.")
+
+    # ----------------------------------------------------------------- I/O
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfig:
+        return cls(**{name: flag_values[name].value for name in cls.field_names()})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object]) -> TrainConfig:
+        unknown = set(values) - set(cls.field_names())
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> TrainConfig:
+        """Reads the config a training run wrote into ``model_dir``."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {model_dir} a leukemia_tf model_dir?")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_flagfile(self) -> str:
+        """The flags (one per line) that reproduce this config."""
+        lines = []
+        for name in self.field_names():
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                lines.append(f"--{name}" if value else f"--no{name}")
+            else:
+                lines.append(f"--{name}={value}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, model_dir: str | os.PathLike) -> None:
+        """Writes ``config.json`` and ``flags.txt`` into ``model_dir``."""
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (model_dir / "flags.txt").write_text(
+            "# Resolved configuration of this run. Reproduce it with:\n"
+            f"#   python -m leukemia_tf.train --flagfile={model_dir / 'flags.txt'}\n"
+            + self.to_flagfile()
+        )
+
+    # ----------------------------------------------------------- validation
+    def parsed_level_weights(self) -> list[float] | None:
+        if not self.level_weights.strip():
+            return None
+        try:
+            return [float(x) for x in self.level_weights.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--level_weights={self.level_weights!r}: expected comma-separated numbers"
+            ) from None
+
+    def validate(self) -> TrainConfig:
+        """Checks every value; raises :class:`ConfigError` naming the flag. Returns self."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"--{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}"
+                )
+
+        def check(condition: bool, name: str, what: str) -> None:
+            if not condition:
+                raise ConfigError(f"--{name}={getattr(self, name)!r}: {what}")
+
+        check(bool(self.datasets.strip()), "datasets", "give at least one data set")
+        check(bool(self.model_dir.strip()), "model_dir", "an output directory is required")
+        check(16 <= self.image_size <= 1024, "image_size", "must be in [16, 1024]")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0")
+        check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        check(self.clipnorm >= 0, "clipnorm", "must be >= 0")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(self.hidden_units >= 0, "hidden_units", "must be >= 0")
+        check(0 <= self.bn_momentum < 1, "bn_momentum", "must be in [0, 1) (0: keep)")
+        check(0 <= self.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)")
+        check(0 <= self.augment_magnitude <= 1, "augment_magnitude", "must be in [0, 1]")
+        check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+        check(self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0")
+        check(self.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0")
+        check(0 < self.ema_momentum < 1, "ema_momentum", "must be in (0, 1)")
+        check(0 <= self.freeze_epochs < self.epochs, "freeze_epochs", "must be in [0, epochs)")
+        check(0 < self.finetune_lr_factor <= 1, "finetune_lr_factor", "must be in (0, 1]")
+        check(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
+        check(self.steps_per_execution >= 1, "steps_per_execution", "must be >= 1")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        check(self.verbose in (0, 1, 2), "verbose", "must be 0, 1 or 2")
+        if self.head == "hierarchical" and self.label_mode != "taxonomy":
+            raise ConfigError(
+                "--head=hierarchical needs --label_mode=taxonomy (the levels come from the taxonomy)"
+            )
+        if "," in self.datasets and self.label_mode != "taxonomy":
+            raise ConfigError(
+                f"--datasets={self.datasets!r} mixes several data sets: set --label_mode=taxonomy "
+                "so that their labels share one label space"
+            )
+        if self.strategy == "tpu" and not self.tpu:
+            raise ConfigError("--strategy=tpu needs --tpu=local (Colab) or --tpu=NAME")
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).exists():
+            raise ConfigError(
+                f"--weights={self.weights!r}: no such file; use 'imagenet', 'none' or a weights file"
+            )
+        if self.cache not in ("memory", "none") and not self.cache.strip():
+            raise ConfigError("--cache: use 'memory', 'none' or a file path prefix")
+        self.parsed_level_weights()
+        return self
+
+
+def _flag_type(field: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(TrainConfig)
+    return hints[field.name]
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, skip: Sequence[str] = ()) -> None:
+    """Declares one absl flag per :class:`TrainConfig` field (idempotent)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip or f.name in flag_values:
+            continue
+        kind = _flag_type(f)
+        help_text = f.metadata["help"]
+        if f.metadata["choices"]:
+            flags.DEFINE_enum(f.name, f.default, list(f.metadata["choices"]), help_text, flag_values=flag_values)
+        elif kind is bool:
+            flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
+        elif kind is int:
+            flags.DEFINE_integer(f.name, f.default, help_text, flag_values=flag_values)
+        elif kind is float:
+            flags.DEFINE_float(f.name, f.default, help_text, flag_values=flag_values)
+        else:
+            flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+
+
+def parse_flagfile(path: str | os.PathLike, extra_args: Sequence[str] = ()) -> TrainConfig:
+    """Parses a flagfile (plus overrides) into a validated-ready config, without touching FLAGS."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values([f"prog", f"--flagfile={path}", *extra_args])
+    return TrainConfig.from_flags(flag_values)

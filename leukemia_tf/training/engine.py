@@ -1,0 +1,580 @@
+"""The training engine: one custom loop that runs under every tf.distribute strategy.
+
+Why not ``Model.fit``: under ``MultiWorkerMirroredStrategy`` Keras 3's ``fit``
+fails (keras-team/keras#20585), while a ``strategy.run`` step over the same
+Keras model and optimizer works. One loop for every strategy is better than
+two, so this module owns the loop and does what ``fit`` and its callbacks
+would: augmentation on the accelerator inside the step, mixed precision with
+loss scaling, ``steps_per_execution``, optional XLA, AdamW with warm-up and
+cosine decay, EMA weights, class weighting, two-stage fine-tuning, best and
+last checkpoints, backup-and-restore of a killed run
+(``tf.train.CheckpointManager``), TensorBoard and CSV logs, early stopping and
+a stop on NaN that names the step.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from sklearn import metrics as skm
+
+from leukemia_tf.data import pipeline
+from leukemia_tf.models import augment, classifier
+from leukemia_tf.models.label_space import LabelSpace
+from leukemia_tf.taxonomy import Taxonomy
+from leukemia_tf.training import distribute, schedules
+from leukemia_tf.training.config import ConfigError, TrainConfig
+
+#: Files a training run writes into model_dir.
+BEST_MODEL = "best.keras"
+LAST_MODEL = "last.keras"
+SUMMARY = "train_summary.json"
+HISTORY_CSV = "history.csv"
+BACKUP_DIR = "backup"
+
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns (and writes to ``model_dir/train_summary.json``)."""
+
+    model_dir: str
+    best_model_path: str
+    best_epoch: int
+    best_metrics: dict
+    history: list
+    class_names: list
+    wall_time_s: float
+
+
+# ------------------------------------------------------------------------- metrics
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, balanced accuracy and macro-F1 of argmax predictions."""
+    if len(labels) == 0:
+        return {
+            "accuracy": float("nan"),
+            "balanced_accuracy": float("nan"),
+            "macro_f1": float("nan"),
+        }
+    pred = probs.argmax(axis=-1)
+    present = np.unique(labels)
+    return {
+        "accuracy": float(skm.accuracy_score(labels, pred)),
+        # Over the classes present in this split: absent classes have no recall.
+        "balanced_accuracy": float(np.mean([np.mean(pred[labels == c] == c) for c in present])),
+        "macro_f1": float(
+            skm.f1_score(
+                labels, pred, labels=list(range(num_classes)), average="macro", zero_division=0
+            )
+            if len(present) == num_classes
+            else skm.f1_score(labels, pred, labels=present, average="macro", zero_division=0)
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+def _swap_ema_weights(optimizer) -> None:
+    """Swaps the model's trainable variables with the optimizer's EMA copies (in place)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for var, average in zip(
+        inner._trainable_variables, inner._model_variables_moving_average, strict=True
+    ):
+        current = tf.identity(var.value)
+        var.assign(average.value)
+        average.assign(current)
+
+
+def _clip_across_replicas(grads, clipnorm: float, optimizer, num_replicas: int) -> list:
+    """Clips the all-reduced gradient by its global norm, inside a replica.
+
+    The optimizer all-reduces (sums) the gradients it is given, so the
+    clipped sum is handed back divided by the number of replicas. Under a
+    loss-scale optimizer the norm is taken of the unscaled gradient.
+    """
+    # Dense tensors: IndexedSlices (embedding gradients) do not divide, and
+    # clip_by_global_norm would densify them anyway.
+    present = [i for i, g in enumerate(grads) if g is not None]
+    dense = [tf.convert_to_tensor(grads[i]) for i in present]
+    context = tf.distribute.get_replica_context()
+    dense = context.all_reduce(tf.distribute.ReduceOp.SUM, dense)
+    scale = getattr(optimizer, "dynamic_scale", None)
+    if scale is not None:
+        scale = tf.cast(scale, tf.float32)
+        dense = [g / scale for g in dense]
+    dense, _ = tf.clip_by_global_norm(dense, clipnorm)
+    if scale is not None:
+        dense = [g * scale for g in dense]
+    out = list(grads)
+    for i, g in zip(present, dense, strict=True):
+        out[i] = g / num_replicas
+    return out
+
+
+def _prepare_model_dir(config: TrainConfig, chief: bool) -> Path:
+    model_dir = Path(os.path.expanduser(config.model_dir))
+    finished = (model_dir / SUMMARY).exists()
+    if finished and not config.overwrite:
+        raise ConfigError(
+            f"--model_dir={config.model_dir!r} holds a finished run ({SUMMARY}); choose another "
+            "directory or pass --overwrite to start afresh"
+        )
+    if chief and finished and config.overwrite:
+        for name in (BEST_MODEL, LAST_MODEL, SUMMARY, HISTORY_CSV, BACKUP_DIR, "logs"):
+            path = model_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    if chief:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    return model_dir
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = [
+            {k: (float(v) if k != "epoch" else int(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+    return [r for r in rows if r["epoch"] < upto_epoch]
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = list(history[0])
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def _better(monitor: str, value: float, best: float) -> bool:
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
+def _prepare_generated_datasets(specs, data_dir: str | None) -> None:
+    """Builds, like ``tfds.load`` would, data sets that need no manual download.
+
+    Sets downloaded by hand are never built here: the input pipeline's error
+    then says which ``build_data`` command to run.
+    """
+    import tensorflow_datasets as tfds
+
+    import tfds_builders  # noqa: F401  (registers the builders)
+    from leukemia_tf.data import build as build_lib
+
+    for spec in specs:
+        builder = tfds.builder(spec.name, data_dir=data_dir)
+        if builder.is_prepared() or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+            continue
+        print(f"Building the data set {spec.name} into {builder.data_dir} (first use) ...")
+        build_lib.build(spec.name, data_dir=data_dir)
+
+
+# ---------------------------------------------------------------------------- train
+def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> TrainResult:
+    """Trains a model as ``config`` says and writes everything into ``config.model_dir``.
+
+    A run that was killed resumes from its last completed epoch when started
+    again with the same ``model_dir``.
+
+    Args:
+      config: the training configuration (validated here).
+      callbacks: called as ``callback(epoch, logs)`` after each epoch's
+        checkpoint (tests use this to simulate a killed run).
+
+    Returns:
+      A :class:`TrainResult`.
+    """
+    config.validate()
+    start_time = time.time()
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    strategy = distribute.make_strategy(config.strategy, config.tpu)
+    precision = distribute.resolve_precision(config.precision, strategy)
+    distribute.set_precision(precision)
+    chief = distribute.is_chief(strategy)
+    model_dir = _prepare_model_dir(config, chief)
+    write_dir = Path(distribute.worker_dir(str(model_dir), strategy))
+    write_dir.mkdir(parents=True, exist_ok=True)
+
+    taxonomy = (
+        Taxonomy.load(config.taxonomy or None)
+        if config.label_mode == "taxonomy" or config.head == "hierarchical"
+        else None
+    )
+    specs = pipeline.parse_datasets(config.datasets)
+    data_dir = config.data_dir or None
+    if chief:
+        _prepare_generated_datasets(specs, data_dir)
+    class_names = pipeline.dataset_class_names(specs, data_dir, config.label_mode, taxonomy)
+    space = LabelSpace(class_names, config.head, taxonomy)
+    level_weights = config.parsed_level_weights()
+    if (
+        level_weights is not None
+        and taxonomy is not None
+        and len(level_weights) != taxonomy.num_levels
+    ):
+        raise ConfigError(
+            f"--level_weights={config.level_weights!r}: give {taxonomy.num_levels} values, one per "
+            "taxonomy level"
+        )
+
+    counts = pipeline.class_counts(specs, config.train_split, data_dir, config.label_mode, taxonomy)
+    num_train = int(counts.sum())
+    global_batch = config.batch_size
+    if num_train < global_batch:
+        raise ConfigError(
+            f"--batch_size={global_batch} is larger than the training split ({num_train} examples)"
+        )
+    steps_per_epoch = config.steps_per_epoch or max(num_train // global_batch, 1)
+    if config.class_weighting == "balanced":
+        with np.errstate(divide="ignore"):
+            class_weights = np.where(counts > 0, num_train / (len(counts) * counts), 0.0)
+    else:
+        class_weights = np.ones(len(counts))
+    class_weights = tf.constant(class_weights, tf.float32)
+
+    cache = {"memory": True, "none": False}.get(config.cache, config.cache)
+
+    def train_input(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return pipeline.load_split(
+            specs,
+            config.train_split,
+            data_dir=data_dir,
+            image_size=config.image_size,
+            batch_size=global_batch,  # load_split divides it per replica
+            training=True,
+            label_mode=config.label_mode,
+            taxonomy=taxonomy,
+            cache=cache,
+            shuffle_buffer=config.shuffle_buffer,
+            seed=config.seed,
+            deterministic=config.deterministic,
+            input_context=ctx,
+        )
+
+    def val_input(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return pipeline.load_split(
+            specs,
+            config.val_split,
+            data_dir=data_dir,
+            image_size=config.image_size,
+            batch_size=global_batch,  # load_split divides it per replica
+            training=False,
+            label_mode=config.label_mode,
+            taxonomy=taxonomy,
+            cache=cache,
+            deterministic=config.deterministic,
+            input_context=ctx,
+        )
+
+    train_ds = strategy.distribute_datasets_from_function(train_input)
+    val_ds = strategy.distribute_datasets_from_function(val_input) if config.val_split else None
+
+    total_steps = steps_per_epoch * config.epochs
+    stage1_steps = steps_per_epoch * config.freeze_epochs
+    with strategy.scope():
+        model = classifier.build_classifier(
+            backbone=config.backbone,
+            head=config.head,
+            num_classes=space.num_classes if config.head == "flat" else None,
+            taxonomy=taxonomy,
+            image_size=config.image_size,
+            weights=config.weights,
+            dropout=config.dropout,
+            hidden_units=config.hidden_units,
+            bn_momentum=config.bn_momentum or None,
+            drop_path_rate=config.drop_path_rate,
+        )
+        augmenter = (
+            augment.build_augmenter(
+                config.image_size,
+                magnitude=config.augment_magnitude,
+                crop_scale=(config.crop_scale_min, 1.0),
+                seed=config.seed,
+            )
+            if config.augment
+            else None
+        )
+        schedule = schedules.TwoStageWarmupCosine(
+            peak_lr=config.learning_rate,
+            total_steps=total_steps,
+            warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+            min_ratio=config.min_lr_ratio,
+            stage1_steps=stage1_steps,
+            stage2_factor=config.finetune_lr_factor,
+        )
+        # Keras clips gradients before it all-reduces them across replicas,
+        # i.e. each replica's partial gradient separately; with several
+        # replicas the step clips the all-reduced gradient itself instead.
+        clip_in_step = bool(config.clipnorm) and strategy.num_replicas_in_sync > 1
+        optimizer = keras.optimizers.AdamW(
+            learning_rate=schedule,
+            weight_decay=config.weight_decay,
+            global_clipnorm=None if clip_in_step else (config.clipnorm or None),
+            use_ema=config.ema,
+            ema_momentum=config.ema_momentum,
+        )
+        # Normalisation parameters and biases are not decayed.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        if precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        # Build the optimizer's slots for every weight now, so that unfreezing
+        # the backbone later finds them (and a checkpoint always has them).
+        optimizer.build(model.trainable_variables)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        best_var = tf.Variable(float("nan"), dtype=tf.float64, trainable=False, name="best")
+        best_epoch_var = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_epoch")
+        waited_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="waited")
+
+    checkpoint = tf.train.Checkpoint(
+        model=model,
+        optimizer=optimizer,
+        epoch=epoch_var,
+        best=best_var,
+        best_epoch=best_epoch_var,
+        waited=waited_var,
+    )
+    manager = tf.train.CheckpointManager(checkpoint, str(write_dir / BACKUP_DIR), max_to_keep=1)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).expect_partial()
+        logging.info("Resuming from %s (epoch %d)", manager.latest_checkpoint, int(epoch_var))
+        print(f"Resuming the run in {model_dir} after epoch {int(epoch_var)}.")
+    start_epoch = int(epoch_var.numpy())
+    config.save(model_dir) if chief else None
+    if chief:
+        (model_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
+
+    # ------------------------------------------------------------- the step
+    num_replicas = strategy.num_replicas_in_sync
+    mix_alpha = (config.mixup_alpha, config.cutmix_alpha)
+
+    def step_fn(batch):
+        labels = tf.cast(batch["label"], tf.int32)
+        images = tf.cast(batch["image"], tf.float32)
+        targets = space.targets(batch)
+        weights = tf.gather(class_weights, labels)
+        if augmenter is not None:
+            images = augmenter(images, training=True)
+        if mix_alpha[0] > 0 or mix_alpha[1] > 0:
+            use_cutmix = (
+                tf.random.uniform([]) < 0.5
+                if mix_alpha[0] > 0 and mix_alpha[1] > 0
+                else tf.constant(mix_alpha[1] > 0)
+            )
+            images, targets = tf.cond(
+                use_cutmix,
+                lambda: augment.cutmix(images, targets, mix_alpha[1] or 1.0),
+                lambda: augment.mixup(images, targets, mix_alpha[0] or 1.0),
+            )
+        trainable = model.trainable_variables
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            per_example = space.loss(targets, outputs, config.label_smoothing, level_weights)
+            loss = tf.nn.compute_average_loss(per_example * weights, global_batch_size=global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, trainable)
+        if clip_in_step:
+            grads = _clip_across_replicas(grads, config.clipnorm, optimizer, num_replicas)
+        optimizer.apply_gradients(zip(grads, trainable, strict=True))
+        probs = space.probabilities(outputs)
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), labels), tf.float32)
+        )
+        return tf.stack(
+            [tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)]
+        )
+
+    def make_train_fn():
+        step = tf.function(step_fn, jit_compile=config.xla) if config.xla else step_fn
+
+        @tf.function
+        def train_fn(iterator, num_steps):
+            totals = tf.zeros([3])
+            for _ in tf.range(num_steps):
+                out = strategy.run(step, args=(next(iterator),))
+                totals += strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
+            return totals
+
+        return train_fn
+
+    @tf.function
+    def eval_fn(batch):
+        def replica(b):
+            outputs = model(tf.cast(b["image"], tf.float32), training=False)
+            probs = space.probabilities(outputs)
+            loss = space.loss(space.targets(b), outputs, 0.0, level_weights)
+            return probs, tf.cast(b["label"], tf.int32), loss
+
+        out = strategy.run(replica, args=(batch,))
+        return tuple(strategy.gather(x, axis=0) for x in out)
+
+    def evaluate() -> dict:
+        probs, labels, losses = [], [], []
+        for batch in val_ds:
+            p, y, loss = eval_fn(batch)
+            probs.append(p.numpy())
+            labels.append(y.numpy())
+            losses.append(loss.numpy())
+        if not probs:
+            raise ValueError(f"--val_split={config.val_split!r} is empty")
+        probs_np, labels_np = np.concatenate(probs), np.concatenate(labels)
+        out = classification_metrics(labels_np, probs_np, space.num_classes)
+        out["loss"] = float(np.mean(np.concatenate(losses)))
+        return {f"val_{k}": v for k, v in out.items()}
+
+    def save_model(name: str) -> None:
+        path = write_dir / name
+        model.save(str(path))
+
+    # ------------------------------------------------------------- the loop
+    history = _read_history(model_dir / HISTORY_CSV, start_epoch) if chief else []
+    writers = (
+        {
+            "train": tf.summary.create_file_writer(str(model_dir / "logs" / "train")),
+            "validation": tf.summary.create_file_writer(str(model_dir / "logs" / "validation")),
+        }
+        if chief
+        else None
+    )
+    iterator = iter(train_ds)
+    train_fn = None
+    stage = None
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, config.epochs):
+        new_stage = 1 if epoch < config.freeze_epochs else 2
+        if new_stage != stage:
+            classifier.set_backbone_trainable(model, new_stage == 2)
+            train_fn = make_train_fn()  # trainable variables changed: retrace
+            stage = new_stage
+        epoch_start = time.time()
+        progbar = (
+            keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "accuracy"])
+            if config.verbose == 1 and chief
+            else None
+        )
+        if progbar is not None:
+            print(
+                f"Epoch {epoch + 1}/{config.epochs}" + (" (backbone frozen)" if stage == 1 else "")
+            )
+        totals = np.zeros(3)
+        done = 0
+        while done < steps_per_epoch:
+            n = min(config.steps_per_execution, steps_per_epoch - done)
+            chunk = train_fn(iterator, tf.constant(n, tf.int32)).numpy()
+            totals += chunk
+            done += n
+            global_step += n
+            if not np.isfinite(chunk[0]):
+                raise FloatingPointError(
+                    f"training loss became {chunk[0]} at step {global_step} (epoch {epoch + 1}); "
+                    f"lower --learning_rate (now {config.learning_rate}) or check the data. "
+                    f"The last good checkpoint is in {write_dir / BACKUP_DIR}"
+                )
+            if progbar is not None:
+                progbar.update(
+                    done, [("loss", totals[0] / totals[2]), ("accuracy", totals[1] / totals[2])]
+                )
+        logs = {
+            "epoch": epoch,
+            "lr": float(schedule(max(global_step - 1, 0))),
+            "loss": float(totals[0] / totals[2]),
+            "accuracy": float(totals[1] / totals[2]),
+        }
+        if val_ds is not None:
+            if config.ema:
+                _swap_ema_weights(optimizer)
+            logs.update(evaluate())
+        logs["epoch_time_s"] = time.time() - epoch_start
+        value = logs.get(
+            config.monitor, -logs["loss"] if config.monitor != "val_loss" else logs["loss"]
+        )
+        improved = _better(config.monitor, float(value), float(best_var.numpy()))
+        if improved:
+            best_var.assign(float(value))
+            best_epoch_var.assign(epoch)
+            waited_var.assign(0)
+            save_model(BEST_MODEL)
+        else:
+            waited_var.assign_add(1)
+        save_model(LAST_MODEL)
+        if val_ds is not None and config.ema:
+            _swap_ema_weights(optimizer)
+        epoch_var.assign(epoch + 1)
+        manager.save(checkpoint_number=epoch + 1)
+        if chief:
+            history.append(logs)
+            _write_history(model_dir / HISTORY_CSV, history)
+            for key, val in logs.items():
+                if key == "epoch":
+                    continue
+                split = "validation" if key.startswith("val_") else "train"
+                with writers[split].as_default(step=epoch + 1):
+                    tf.summary.scalar(key.removeprefix("val_"), val)
+        if config.verbose:
+            print(
+                f"epoch {epoch + 1}/{config.epochs}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "epoch")
+                + (" *" if improved else "")
+            )
+        for callback in callbacks:
+            callback(epoch, logs)
+        if config.early_stopping_patience and int(waited_var) >= config.early_stopping_patience:
+            print(
+                f"Early stopping: {config.monitor} did not improve for "
+                f"{config.early_stopping_patience} epochs."
+            )
+            break
+
+    best_epoch = int(best_epoch_var.numpy())
+    best_row = next((r for r in history if r["epoch"] == best_epoch), {})
+    result = TrainResult(
+        model_dir=str(model_dir),
+        best_model_path=str(model_dir / BEST_MODEL),
+        best_epoch=best_epoch,
+        best_metrics={k: v for k, v in best_row.items() if k.startswith("val_")},
+        history=history,
+        class_names=class_names,
+        wall_time_s=time.time() - start_time,
+    )
+    if chief:
+        summary = dataclasses.asdict(result)
+        summary.update(
+            precision=precision,
+            strategy=type(strategy).__name__,
+            num_replicas=num_replicas,
+            steps_per_epoch=steps_per_epoch,
+            num_train_examples=num_train,
+        )
+        (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(model_dir / BACKUP_DIR, ignore_errors=True)
+    if write_dir != model_dir:
+        shutil.rmtree(write_dir, ignore_errors=True)
+    return result
