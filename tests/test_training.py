@@ -24,7 +24,9 @@ CONFIGS = sorted((REPO / "configs").glob("*.flags"))
 def test_every_flagfile_parses_and_validates(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path.name} must start with a comment giving its command"
-    assert f"configs/{path.name}" in path.read_text(), f"{path.name} must show the command running it"
+    assert f"configs/{path.name}" in path.read_text(), (
+        f"{path.name} must show the command running it"
+    )
     cfg = config_lib.parse_flagfile(path)
     cfg.validate()
 
@@ -34,7 +36,9 @@ def test_bad_values_name_the_flag():
         config_lib.TrainConfig(model_dir="x", head="hierarchical").validate()
     with pytest.raises(config_lib.ConfigError, match=r"--image_size=8: must be in \[16, 1024\]"):
         config_lib.TrainConfig(model_dir="x", image_size=8).validate()
-    with pytest.raises(config_lib.ConfigError, match="--precision='fp8' is not allowed; choose one"):
+    with pytest.raises(
+        config_lib.ConfigError, match="--precision='fp8' is not allowed; choose one"
+    ):
         config_lib.TrainConfig(model_dir="x", precision="fp8").validate()
     with pytest.raises(config_lib.ConfigError, match="--weights='/nope.h5': no such file"):
         config_lib.TrainConfig(model_dir="x", weights="/nope.h5").validate()
@@ -47,12 +51,17 @@ def test_bad_values_name_the_flag():
 def test_enum_flag_error_lists_allowed_values(tmp_path):
     flagfile = tmp_path / "bad.flags"
     flagfile.write_text("--strategy=horovod\n")
-    with pytest.raises(Exception, match=r"--strategy=horovod: value should be one of <auto\|default\|mirrored\|multi_worker\|tpu>"):
+    with pytest.raises(
+        Exception,
+        match=r"--strategy=horovod: value should be one of <auto\|default\|mirrored\|multi_worker\|tpu>",
+    ):
         config_lib.parse_flagfile(flagfile)
 
 
 def test_flagfile_round_trip(tmp_path):
-    cfg = config_lib.TrainConfig(model_dir=str(tmp_path / "m"), epochs=3, augment=False, mixup_alpha=0.4)
+    cfg = config_lib.TrainConfig(
+        model_dir=str(tmp_path / "m"), epochs=3, augment=False, mixup_alpha=0.4
+    )
     cfg.save(tmp_path / "m")
     again = config_lib.parse_flagfile(tmp_path / "m" / "flags.txt")
     assert again == cfg
@@ -110,7 +119,14 @@ def test_smoke_run_writes_everything(tmp_path, synthetic_dir):
     )
     result = engine.train(cfg)
     model_dir = Path(cfg.model_dir)
-    for name in ("best.keras", "last.keras", "config.json", "flags.txt", "history.csv", "labels.txt"):
+    for name in (
+        "best.keras",
+        "last.keras",
+        "config.json",
+        "flags.txt",
+        "history.csv",
+        "labels.txt",
+    ):
         assert (model_dir / name).is_file(), name
     summary = json.loads((model_dir / "train_summary.json").read_text())
     assert summary["steps_per_epoch"] == 3
@@ -164,7 +180,9 @@ def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir):
 def test_nan_loss_stops_with_step(tmp_path, synthetic_dir):
     from leukemia_tf.training import engine
 
-    cfg = _cfg(tmp_path, synthetic_dir, learning_rate=1e12, clipnorm=0.0, epochs=3, steps_per_epoch=5)
+    cfg = _cfg(
+        tmp_path, synthetic_dir, learning_rate=1e12, clipnorm=0.0, epochs=3, steps_per_epoch=5
+    )
     with pytest.raises(FloatingPointError, match=r"at step \d+"):
         engine.train(cfg)
 

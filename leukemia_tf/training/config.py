@@ -49,7 +49,9 @@ class TrainConfig:
         choices=("native", "taxonomy"),
     )
     taxonomy: str = _field("", "Taxonomy YAML file. Empty: the bundled configs/taxonomy.yaml.")
-    train_split: str = _field("train", "Split to train on (TFDS split syntax, e.g. 'train+validation').")
+    train_split: str = _field(
+        "train", "Split to train on (TFDS split syntax, e.g. 'train+validation')."
+    )
     val_split: str = _field("validation", "Split to validate on each epoch; empty: no validation.")
     image_size: int = _field(64, "Square input size in pixels (images are resized to it).")
     cache: str = _field(
@@ -89,7 +91,8 @@ class TrainConfig:
     # --------------------------------------------------------- augmentation
     augment: bool = _field(True, "Augment training images on the accelerator.")
     augment_magnitude: float = _field(
-        0.5, "Strength of the colour / geometry augmentation in [0, 1]; 0: flips and rotations only."
+        0.5,
+        "Strength of the colour / geometry augmentation in [0, 1]; 0: flips and rotations only.",
     )
     crop_scale_min: float = _field(
         0.5, "Smallest area fraction of the random resized crop (1: no crop)."
@@ -110,10 +113,14 @@ class TrainConfig:
     learning_rate: float = _field(1e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _field(0.05, "AdamW decoupled weight decay.")
     warmup_epochs: float = _field(1.0, "Linear warm-up length in epochs.")
-    min_lr_ratio: float = _field(0.01, "Final learning rate of the cosine decay, as a fraction of the peak.")
+    min_lr_ratio: float = _field(
+        0.01, "Final learning rate of the cosine decay, as a fraction of the peak."
+    )
     label_smoothing: float = _field(0.1, "Label smoothing.")
     clipnorm: float = _field(1.0, "Clip the global gradient norm to this; 0: no clipping.")
-    ema: bool = _field(False, "Keep an exponential moving average of the weights and validate / save it.")
+    ema: bool = _field(
+        False, "Keep an exponential moving average of the weights and validate / save it."
+    )
     ema_momentum: float = _field(0.999, "EMA momentum.")
     class_weighting: str = _field(
         "none",
@@ -152,7 +159,9 @@ class TrainConfig:
     xla: bool = _field(False, "Compile the training step with XLA (jit_compile).")
 
     # ------------------------------------------------------------- outputs
-    model_dir: str = _field("", "Output directory: checkpoints, logs, the resolved config, the model.")
+    model_dir: str = _field(
+        "", "Output directory: checkpoints, logs, the resolved config, the model."
+    )
     overwrite: bool = _field(
         False, "Start afresh in a model_dir that holds a finished run (otherwise refused)."
     )
@@ -293,7 +302,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, skip: Sequence[str
         kind = _flag_type(f)
         help_text = f.metadata["help"]
         if f.metadata["choices"]:
-            flags.DEFINE_enum(f.name, f.default, list(f.metadata["choices"]), help_text, flag_values=flag_values)
+            flags.DEFINE_enum(
+                f.name, f.default, list(f.metadata["choices"]), help_text, flag_values=flag_values
+            )
         elif kind is bool:
             flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
         elif kind is int:
@@ -308,5 +319,5 @@ def parse_flagfile(path: str | os.PathLike, extra_args: Sequence[str] = ()) -> T
     """Parses a flagfile (plus overrides) into a validated-ready config, without touching FLAGS."""
     flag_values = flags.FlagValues()
     define_flags(flag_values)
-    flag_values([f"prog", f"--flagfile={path}", *extra_args])
+    flag_values(["prog", f"--flagfile={path}", *extra_args])
     return TrainConfig.from_flags(flag_values)
