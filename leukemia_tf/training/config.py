@@ -163,7 +163,9 @@ class TrainConfig:
         "", "Output directory: checkpoints, logs, the resolved config, the model."
     )
     overwrite: bool = _field(
-        False, "Start afresh in a model_dir that holds a finished run (otherwise refused)."
+        False,
+        "Start afresh in model_dir: delete its previous run (a finished run is otherwise "
+        "refused, and an unfinished one resumed).",
     )
     verbose: int = _field(1, "0: quiet, 1: progress bar per epoch, 2: one line per epoch.")
 

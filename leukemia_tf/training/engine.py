@@ -131,7 +131,7 @@ def _prepare_model_dir(config: TrainConfig, chief: bool) -> Path:
             f"--model_dir={config.model_dir!r} holds a finished run ({SUMMARY}); choose another "
             "directory or pass --overwrite to start afresh"
         )
-    if chief and finished and config.overwrite:
+    if chief and config.overwrite:
         for name in (BEST_MODEL, LAST_MODEL, SUMMARY, HISTORY_CSV, BACKUP_DIR, "logs"):
             path = model_dir / name
             if path.is_dir():

@@ -55,8 +55,10 @@ class TwoStageWarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         step = tf.cast(step, tf.float32)
         s1 = float(self.stage1_steps)
         stage1 = self._stage(step, s1, self.peak_lr)
+        # Without a frozen stage the whole run is "stage 2" at the full peak.
+        factor = self.stage2_factor if self.stage1_steps > 0 else 1.0
         stage2 = self._stage(
-            step - s1, self.total_steps - self.stage1_steps, self.peak_lr * self.stage2_factor
+            step - s1, self.total_steps - self.stage1_steps, self.peak_lr * factor
         )
         return tf.where(step < s1, stage1, stage2)
 

@@ -1,0 +1,347 @@
+"""The Markdown report of an evaluation, written from the ``metrics.json`` contents.
+
+Written for a clinical reader first: what was evaluated on which data, the
+headline figures with 95% confidence intervals, sensitivity and specificity
+per class, where the model errs (confusion matrices), whether its
+probabilities can be taken at face value (calibration), and the caveats that
+limit what the numbers mean. Every figure is a PNG next to the report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+#: Group tables list at most this many slides / patients (all are in metrics.json).
+MAX_GROUP_ROWS = 50
+
+_HEADLINE_NAMES = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy (mean sensitivity)",
+    "macro_f1": "Macro-F1",
+    "macro_roc_auc": "Macro ROC-AUC (one-vs-rest)",
+}
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt(name: str, value) -> str:
+    return _num(value) if "auc" in name else _pct(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _headline_rows(scored: dict) -> list[list[str]]:
+    ci = scored.get("ci", {})
+    rows = []
+    for key, label in _HEADLINE_NAMES.items():
+        interval = ci.get(key) or {}
+        low, high = interval.get("low"), interval.get("high")
+        text = f"{_fmt(key, low)} – {_fmt(key, high)}" if low is not None else "n/a"
+        rows.append([label, _fmt(key, scored.get(key)), text])
+    return rows
+
+
+def _per_class_rows(scored: dict) -> list[list[str]]:
+    return [
+        [
+            p["name"],
+            str(p["support"]),
+            str(p["n_predicted"]),
+            _pct(p["recall"]),
+            _pct(p["specificity"]),
+            _pct(p["precision"]),
+            _pct(p["f1"]),
+            _num(p["roc_auc"]),
+        ]
+        for p in scored["per_class"]
+    ]
+
+
+_PER_CLASS_HEADER = [
+    "Class",
+    "Support",
+    "Predicted",
+    "Sensitivity (recall)",
+    "Specificity",
+    "Precision (PPV)",
+    "F1",
+    "ROC-AUC",
+]
+
+
+def _confusion_rows(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> list[list[str]]:
+    return [[f"**{names[i]}**", *[str(v) for v in row]] for i, row in enumerate(matrix)]
+
+
+def _image(lines: list[str], figures: dict, key: str, alt: str) -> None:
+    if key in figures:
+        lines += [f"![{alt}]({figures[key]})", ""]
+
+
+def render(result: dict) -> str:
+    """The report's Markdown text from an evaluation result (``metrics.json``)."""
+    model, data, cell = result["model"], result["data"], result["cell"]
+    cal, figures = result["calibration"], result["figures"]
+    names = model["class_names"]
+    lines = [
+        f"# Evaluation report: {Path(model['model_dir']).name} on `{data['datasets']}` "
+        f"[{data['split']}]",
+        "",
+    ]
+    synthetic = [c for c in result["caveats"] if c.startswith("SYNTHETIC")]
+    if synthetic:
+        lines += [f"> **{synthetic[0]}**", ""]
+
+    lines += ["## What was evaluated", ""]
+    rows = [
+        ["Model directory", f"`{model['model_dir']}`"],
+        ["Checkpoint", model["checkpoint"]],
+        ["Backbone / head", f"{model['backbone']} / {model['head']}"],
+        ["Input size", f"{model['image_size']} px"],
+        ["Classes", ", ".join(names)],
+        ["Labels", model["label_mode"] + (f" ({model['taxonomy']})" if model["taxonomy"] else "")],
+        ["Data sets", f"`{data['datasets']}`"],
+        ["Data directory", f"`{data['data_dir'] or 'TFDS default'}`"],
+        ["Split", f"`{data['split']}`"],
+        ["Cells evaluated", str(data["n_examples"])],
+        ["Slides / patients", f"{data['n_slides']} / {data['n_patients']}"],
+        ["Decisions", result["decisions"]],
+        ["Created", result["created"]],
+    ]
+    lines += _table(["Item", "Value"], rows)
+
+    ci = cell["ci"]
+    lines += [
+        "## Headline (cell level)",
+        "",
+        *_table(["Metric", "Value", f"{int(100 * ci['confidence'])}% CI"], _headline_rows(cell)),
+        f"Confidence intervals: {ci['method']} bootstrap, {ci['n_resamples']} resamples of "
+        f"{ci['unit']}. Macro averages run over the {len(cell['classes_present'])} classes "
+        "present in this split.",
+        "",
+    ]
+    for note in cell["notes"]:
+        lines += [f"- {note}"]
+    if cell["notes"]:
+        lines += [""]
+
+    lines += ["## Per class", "", *_table(_PER_CLASS_HEADER, _per_class_rows(cell))]
+    lines += [
+        "Sensitivity: the share of a class's cells recognised as that class. Specificity: the "
+        "share of the other cells not called that class. Precision: the share of cells called "
+        "that class that really are. n/a: undefined (no such cells, or none predicted).",
+        "",
+    ]
+
+    lines += ["## Confusion matrix", "", "Rows: true class; columns: predicted class.", ""]
+    lines += _table(["true \\ predicted", *names], _confusion_rows(cell["confusion_matrix"], names))
+    _image(lines, figures, "confusion_matrix", "confusion matrix")
+    lines += ["## ROC curves", ""]
+    _image(lines, figures, "roc_curves", "ROC curves")
+
+    lines += ["## Calibration", ""]
+    fitted = (
+        f"fitted on the `{cal['fitted_on']}` split ({cal['n_fit']} cells) by minimising the "
+        "negative log-likelihood"
+        if cal.get("fitted_on")
+        else "not refitted (the stored value)"
+    )
+    stored = " and stored in `calibration.json` next to the model" if cal.get("stored") else ""
+    lines += [
+        f"Temperature T = {cal['temperature']:.4g}, {fitted}{stored}. Calibrated probabilities "
+        "divide every logit by T. ECE: expected calibration error, "
+        f"{cal['binning']}; lower is better.",
+        "",
+        *_table(
+            ["On this split", "Before (T = 1)", f"After (T = {cal['temperature']:.3g})"],
+            [
+                ["ECE", _num(cal["ece_before"]), _num(cal["ece_after"])],
+                ["NLL", _num(cal["nll_before"]), _num(cal["nll_after"])],
+            ],
+        ),
+    ]
+    if cal.get("decisions_changed"):
+        lines += [
+            f"Scaling by T changes {cal['decisions_changed']} argmax decisions on this split "
+            "(possible with a hierarchical head); the figures above use T = 1.",
+            "",
+        ]
+    _image(lines, figures, "reliability", "reliability diagram")
+
+    levels = result.get("levels")
+    if levels:
+        lines += _levels_section(levels, figures)
+    for key in ("slide", "patient"):
+        lines += _group_section(key, result[key], names, figures)
+
+    explanations = result["explanations"]
+    lines += ["## Explanations", ""]
+    if explanations.get("method"):
+        lines += [
+            f"{explanations['what']} on `{explanations['layer']}` "
+            f"({explanations['grid'][0]}x{explanations['grid'][1]} map, upsampled), for up to "
+            "a few randomly chosen correct and wrong predictions of each true class. Each pair "
+            "shows the cell and the map over it (red: most evidence).",
+            "",
+        ]
+    if explanations.get("note"):
+        lines += [f"Note: {explanations['note']}", ""]
+    for path in explanations.get("files", []):
+        lines += [f"![{Path(path).stem}]({path})", ""]
+
+    lines += ["## Caveats", ""] + [f"- {c}" for c in result["caveats"]] + [""]
+    lines += [
+        "## Files",
+        "",
+        "- `metrics.json`: every number above, plus every slide and patient",
+        *[f"- `{path}`" for path in figures.values()],
+        *[f"- `{path}`" for path in explanations.get("files", [])],
+        "",
+        f"Evaluation took {result['seconds']:.1f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _levels_section(levels: dict, figures: dict) -> list[str]:
+    lines = [
+        "## Taxonomy levels",
+        "",
+        "Each level is scored on the cells whose label reaches it. Decision rule: a top-down "
+        "greedy walk (at each level the most probable child of the node chosen above), which is "
+        "consistent down the tree by construction. The per-level argmax of the marginal "
+        f"probabilities ({levels['marginals']}) is shown for comparison: it need not form a "
+        "path.",
+        "",
+    ]
+    rows = []
+    for entry in levels["levels"]:
+        if "greedy" not in entry:
+            rows.append([str(entry["level"]), str(entry["n"]), "—", "—", "—", "—", "—"])
+            continue
+        greedy, argmax = entry["greedy"], entry["marginal_argmax"]
+        rows.append(
+            [
+                str(entry["level"]),
+                str(entry["n"]),
+                _pct(greedy["accuracy"]),
+                _pct(greedy["balanced_accuracy"]),
+                _pct(greedy["macro_f1"]),
+                _num(greedy["macro_roc_auc"]),
+                _pct(argmax["accuracy"]),
+            ]
+        )
+    lines += _table(
+        [
+            "Level",
+            "Cells",
+            "Accuracy",
+            "Balanced accuracy",
+            "Macro-F1",
+            "Macro ROC-AUC",
+            "Accuracy (marginal argmax)",
+        ],
+        rows,
+    )
+    consistency = levels["consistency"]
+    lines += [
+        "Consistency down the tree (share of cells whose decided nodes form a path over the "
+        "levels their label reaches):",
+        "",
+        f"- greedy walk: {_pct(consistency['greedy']['fraction'])} "
+        f"of {consistency['greedy']['n_checked']} cells",
+        f"- per-level argmax of the marginals: {_pct(consistency['marginal_argmax']['fraction'])}"
+        f" ({consistency['marginal_argmax']['n_inconsistent']} inconsistent)",
+        f"- class decision lies on the greedy path: {_pct(levels['class_agrees_with_greedy'])}",
+    ]
+    if levels.get("marginal_sum_max_error") is not None:
+        lines += [
+            "- largest gap between a parent's probability and the sum of its children's: "
+            f"{levels['marginal_sum_max_error']:.2e}"
+        ]
+    lines += [""]
+    for entry in levels["levels"]:
+        if "greedy" not in entry:
+            lines += [f"Level {entry['level']}: {entry['skipped']}.", ""]
+            continue
+        k = entry["level"]
+        scored = entry["greedy"]
+        present = set(scored["classes_present"])
+        rows = [r for r in _per_class_rows(scored) if r[0] in present or r[2] != "0"]
+        lines += [f"### Level {k}: {', '.join(entry['nodes'])}", ""]
+        lines += _table(_PER_CLASS_HEADER, rows)
+        if scored.get("no_decision"):
+            lines += [
+                f"{sum(scored['no_decision'])} cells got no decision at this level (the walk "
+                "stopped at a leaf above); they count as wrong.",
+                "",
+            ]
+        _image(lines, figures, f"confusion_level_{k}", f"confusion matrix, level {k}")
+    return lines
+
+
+def _group_section(key: str, section: dict, names: Sequence[str], figures: dict) -> list[str]:
+    title = key.capitalize()
+    lines = [f"## {title} level", ""]
+    if not section.get("available"):
+        return lines + [f"Not available: {section['reason']}.", ""]
+    lines += [
+        f"{section['n_groups']} {key}s. Each {key}'s prediction pools its cells: **mean "
+        "probability** (the class with the highest mean probability) and **majority vote** "
+        "(the class most cells are assigned to; ties go to the higher mean probability).",
+        "",
+    ]
+    if section.get("n_cells_without_id"):
+        lines += [f"{section['n_cells_without_id']} cells without a {key} id are left out.", ""]
+    if not section.get("labelled"):
+        lines += [f"Not scored: {section['reason']}", ""]
+    else:
+        rows = []
+        for method, scored in section["methods"].items():
+            for label, value, interval in _headline_rows(scored):
+                if method == "majority_vote" and "AUC" in label:
+                    continue
+                rows.append([method.replace("_", " "), label, value, interval])
+        unit = section["methods"]["mean_probability"]["ci"]["unit"]
+        lines += _table(["Method", "Metric", "Value", "95% CI"], rows)
+        lines += [f"Confidence intervals resample {unit}.", ""]
+        _image(lines, figures, f"confusion_{key}", f"confusion matrix, {key} level")
+    groups = section["groups"]
+    rows = [
+        [
+            g["id"],
+            g["label"] or "?",
+            str(g["n_cells"]),
+            f"{g['mean_prediction']} ({_pct(g['mean_probability'])})",
+            f"{g['majority_prediction']} ({g['votes']}/{g['n_cells']})",
+            ""
+            if g["label"] is None
+            else ("yes" if g["mean_prediction"] == g["label"] else "**no**"),
+        ]
+        for g in groups[:MAX_GROUP_ROWS]
+    ]
+    lines += _table(
+        [title, "True", "Cells", "Mean probability", "Majority vote", "Mean correct"], rows
+    )
+    if len(groups) > MAX_GROUP_ROWS:
+        lines += [f"First {MAX_GROUP_ROWS} of {len(groups)} {key}s; all are in metrics.json.", ""]
+    return lines
+
+
+def write_report(result: dict, path: str | os.PathLike) -> Path:
+    """Writes :func:`render` of ``result`` to ``path`` and returns the path."""
+    path = Path(path)
+    path.write_text(render(result))
+    return path

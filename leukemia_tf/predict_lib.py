@@ -1,0 +1,511 @@
+"""Batch inference on image files: ``predictions.csv`` per cell, and per slide.
+
+Inputs (``--images``):
+
+* a folder: every image file below it (recursively; extensions
+  ``images.IMAGE_EXTENSIONS``), sorted;
+* a glob (``'smears/**/*.png'``, recursive ``**`` allowed): every file it matches;
+* a CSV file (``*.csv``): one row per image, its path in ``--path_column``
+  (default ``path``, as in the ``leukemia_folder`` builder's ``metadata.csv``;
+  relative paths are relative to the CSV's folder). A ``slide_id`` /
+  ``patient_id`` column (``--slide_column`` / ``--patient_column``) adds a
+  slide / patient level CSV.
+
+Each file is read the way the data set builders read it
+(:func:`leukemia_tf.data.images.read_image`: odd formats such as TIFF, CMYK,
+16-bit or RGBA are converted to 8-bit RGB) and decoded and resized by
+:func:`leukemia_tf.data.preprocessing.decode_and_resize`, exactly the pixels
+the model was trained and evaluated on. The predictions come from
+:func:`leukemia_tf.serving.signatures.postprocess`, the same code as the
+exported SavedModel's outputs.
+
+Outputs, next to ``--output`` (default ``predictions.csv``):
+
+* ``predictions.csv``: ``file``, the group columns, ``predicted_class``,
+  ``probability`` (of the predicted class), ``prob_<class>`` for every class,
+  and for a hierarchical model ``level_<k>_decision`` and
+  ``level_<k>_probability`` per taxonomy level (the top-down greedy decision;
+  empty below the level where it reaches a leaf);
+* ``predictions_errors.csv``: every file that could not be read, with the
+  reason (header only when none failed); each is also logged to stderr;
+* ``predictions_slides.csv`` / ``predictions_patients.csv``: per group,
+  ``n_cells``, ``n_failed``, the majority vote and the mean-probability
+  prediction (:func:`leukemia_tf.evaluation.aggregate.aggregate`).
+
+One unreadable file never stops the rest; the result (and the command's exit
+status) says how many failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import glob
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from leukemia_tf.data import images as images_lib
+from leukemia_tf.data import preprocessing
+from leukemia_tf.serving import signatures
+from leukemia_tf.training import artifacts
+
+DEFAULT_PATH_COLUMN = "path"
+DEFAULT_SLIDE_COLUMN = "slide_id"
+DEFAULT_PATIENT_COLUMN = "patient_id"
+
+#: Files read ahead of the model, per reader thread.
+_READ_AHEAD_PER_THREAD = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class InputImage:
+    """One image to predict: its path and its group ids (e.g. ``{"slide_id": "s1"}``)."""
+
+    path: str
+    groups: dict[str, str] = dataclasses.field(default_factory=dict)
+    error: str | None = None  # set when the input itself is unusable (e.g. an empty CSV cell)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictResult:
+    """What :func:`predict` wrote and how many files failed."""
+
+    output: str
+    errors_file: str
+    group_files: dict[str, str]  # group column -> CSV path
+    num_images: int
+    num_predicted: int
+    num_failed: int
+    failures: list[tuple[str, str]]  # (path, reason)
+
+
+# ------------------------------------------------------------------- inputs
+def _has_glob_magic(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _resolve_group_column(
+    columns: Sequence[str], requested: str | None, default: str, flag: str, csv_path: str
+) -> str | None:
+    if requested is None:
+        return default if default in columns else None
+    if requested not in columns:
+        raise ValueError(
+            f"--{flag}={requested!r}: no such column in {csv_path} (columns: {', '.join(columns)})"
+        )
+    return requested
+
+
+def read_csv_inputs(
+    csv_path: str | os.PathLike,
+    path_column: str = DEFAULT_PATH_COLUMN,
+    slide_column: str | None = None,
+    patient_column: str | None = None,
+) -> tuple[list[InputImage], list[str]]:
+    """The images listed in a CSV file.
+
+    Args:
+      csv_path: the CSV (UTF-8, header row).
+      path_column: column holding each image's path; a relative path is
+        relative to the CSV's folder.
+      slide_column: slide id column; ``None``: ``slide_id`` if present.
+      patient_column: patient id column; ``None``: ``patient_id`` if present.
+
+    Returns:
+      ``(images, group_columns)``: the rows in file order (a row with an
+      empty path is kept with its ``error`` set), and the group columns found.
+
+    Raises:
+      ValueError: the path column, or an explicitly requested group column, is missing.
+    """
+    csv_path = os.fspath(csv_path)
+    base = os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if path_column not in columns:
+            raise ValueError(
+                f"{csv_path}: no {path_column!r} column with the image paths (columns: "
+                f"{', '.join(columns) or 'none'}); name it with --path_column"
+            )
+        group_columns = [
+            c
+            for c in (
+                _resolve_group_column(
+                    columns, slide_column, DEFAULT_SLIDE_COLUMN, "slide_column", csv_path
+                ),
+                _resolve_group_column(
+                    columns, patient_column, DEFAULT_PATIENT_COLUMN, "patient_column", csv_path
+                ),
+            )
+            if c is not None
+        ]
+        out = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            raw = row.get(path_column, "")
+            groups = {c: row.get(c, "") for c in group_columns}
+            if not raw:
+                out.append(
+                    InputImage(
+                        f"{csv_path}:{line}", groups, error=f"empty {path_column!r} in line {line}"
+                    )
+                )
+                continue
+            path = os.path.expanduser(raw)
+            out.append(
+                InputImage(path if os.path.isabs(path) else os.path.join(base, path), groups)
+            )
+    return out, group_columns
+
+
+def collect_inputs(
+    images: str,
+    path_column: str = DEFAULT_PATH_COLUMN,
+    slide_column: str | None = None,
+    patient_column: str | None = None,
+) -> tuple[list[InputImage], list[str]]:
+    """Resolves ``--images`` (folder, glob or CSV) into a list of images.
+
+    Args:
+      images: a folder, a glob, a single image file, or a ``.csv`` file.
+      path_column: see :func:`read_csv_inputs`.
+      slide_column: see :func:`read_csv_inputs`; only for a CSV input.
+      patient_column: see :func:`read_csv_inputs`; only for a CSV input.
+
+    Returns:
+      ``(images, group_columns)``.
+
+    Raises:
+      FileNotFoundError: nothing to predict at ``images``.
+      ValueError: a group column requested for a folder or glob input.
+    """
+    if not images:
+        raise ValueError("--images is empty: give a folder, a glob or a CSV file")
+    expanded = os.path.expanduser(images)
+    if expanded.lower().endswith(".csv") and os.path.isfile(expanded):
+        found, group_columns = read_csv_inputs(expanded, path_column, slide_column, patient_column)
+    else:
+        for flag, value in (("slide_column", slide_column), ("patient_column", patient_column)):
+            if value is not None:
+                raise ValueError(
+                    f"--{flag}={value!r} needs a CSV input (--images=list.csv with that column); "
+                    f"--images={images!r} is a folder or glob"
+                )
+        group_columns = []
+        if os.path.isdir(expanded):
+            paths = sorted(
+                os.path.join(root, name)
+                for root, dirs, names in os.walk(expanded)
+                for name in names
+                if images_lib.is_image_file(name)
+            )
+        elif os.path.isfile(expanded):
+            paths = [expanded]
+        elif _has_glob_magic(expanded):
+            paths = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+        else:
+            raise FileNotFoundError(f"--images={images!r}: no such file or folder")
+        found = [InputImage(p) for p in paths]
+    if not found:
+        raise FileNotFoundError(f"--images={images!r}: no image files found")
+    return found, group_columns
+
+
+# ---------------------------------------------------------------- inference
+def _read(item: InputImage) -> tuple[bytes | None, str | None]:
+    if item.error:
+        return None, item.error
+    try:
+        return images_lib.read_image(item.path)[0], None
+    except images_lib.BadImageError as e:
+        return None, e.reason
+
+
+def _read_ahead(
+    items: Sequence[InputImage], threads: int
+) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """``(index, bytes or None, error or None)`` in input order, read by a thread pool.
+
+    At most ``threads * _READ_AHEAD_PER_THREAD`` files are held in memory.
+    """
+    window = max(1, threads * _READ_AHEAD_PER_THREAD)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        pending: collections.deque = collections.deque()
+        for index, item in enumerate(items):
+            pending.append((index, pool.submit(_read, item)))
+            if len(pending) >= window:
+                i, future = pending.popleft()
+                yield (i, *future.result())
+        while pending:
+            i, future = pending.popleft()
+            yield (i, *future.result())
+
+
+def _format(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def predict(
+    model_dir: str | os.PathLike,
+    images: str,
+    output: str | os.PathLike = "predictions.csv",
+    *,
+    which: str = "best",
+    batch_size: int = 64,
+    apply_temperature: bool = False,
+    path_column: str = DEFAULT_PATH_COLUMN,
+    slide_column: str | None = None,
+    patient_column: str | None = None,
+    read_threads: int = 8,
+    verbose: int = 1,
+) -> PredictResult:
+    """Predicts every image of ``images`` and writes the CSV files.
+
+    Args:
+      model_dir: a training run's output directory.
+      images: a folder, a glob or a CSV file (see the module docstring).
+      output: the cell-level CSV; the errors and group CSVs go next to it
+        (``<stem>_errors.csv``, ``<stem>_slides.csv``, ``<stem>_patients.csv``).
+      which: ``"best"``, ``"last"`` or a ``.keras`` file.
+      batch_size: images per model call.
+      apply_temperature: divide the logits by the temperature stored in
+        ``model_dir/calibration.json``.
+      path_column: CSV input: the column with the image paths.
+      slide_column: CSV input: slide id column (``None``: ``slide_id`` if present).
+      patient_column: CSV input: patient id column (``None``: ``patient_id`` if present).
+      read_threads: threads reading (and validating) files.
+      verbose: 1 shows a progress bar on stdout, 0 is quiet.
+
+    Returns:
+      A :class:`PredictResult` (``num_failed`` files are listed in ``errors_file``).
+
+    Raises:
+      FileNotFoundError: no model, no images, or ``apply_temperature``
+        without a stored temperature.
+      ValueError: a bad flag value or CSV (the message names it).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch_size={batch_size!r}: must be a positive integer")
+    items, group_columns = collect_inputs(images, path_column, slide_column, patient_column)
+    model_dir = Path(os.path.expanduser(os.fspath(model_dir)))
+    if apply_temperature and not (model_dir / artifacts.CALIBRATION_FILE).is_file():
+        raise FileNotFoundError(
+            f"--apply_temperature: {model_dir / artifacts.CALIBRATION_FILE} not found; run "
+            f"python -m leukemia_tf.evaluate --model_dir={model_dir} first, or leave it out"
+        )
+    trained = artifacts.load_trained_model(model_dir, which=which, float32=True)
+    temperature = trained.temperature if apply_temperature else 1.0
+    label_space = trained.label_space
+    image_size = trained.image_size
+    model = trained.model
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
+    def predict_batch(pixels):
+        outputs = model(tf.cast(pixels, tf.float32), training=False)
+        return signatures.postprocess(outputs, label_space, temperature)
+
+    failures: dict[int, str] = {}
+
+    def readable() -> Iterator[tuple[int, bytes]]:
+        for index, data, error in _read_ahead(items, read_threads):
+            if error is not None:
+                failures[index] = error
+                logging.error("cannot read %s: %s", items[index].path, error)
+                continue
+            yield index, data
+
+    ds = tf.data.Dataset.from_generator(
+        readable,
+        output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)),
+    )
+    ds = ds.map(
+        lambda i, b: (i, preprocessing.decode_and_resize(b, image_size)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    # A file PIL reads but TensorFlow cannot decode is rare; it must still be
+    # reported, not kill the run: it goes missing here and is listed below.
+    ds = ds.ignore_errors(log_warning=False).batch(batch_size).prefetch(2)
+
+    progress = keras.utils.Progbar(
+        len(items), verbose=verbose, unit_name="image", stateful_metrics=["failed"]
+    )
+    done: dict[int, dict[str, np.ndarray]] = {}
+    last_index = -1
+    for indices, pixels in ds:
+        outputs = {k: v.numpy() for k, v in predict_batch(pixels).items()}
+        indices = indices.numpy()
+        for row, index in enumerate(indices):
+            done[int(index)] = {k: v[row] for k, v in outputs.items()}
+        last_index = int(indices[-1])
+        missing = [i for i in range(last_index + 1) if i not in done and i not in failures]
+        for i in missing:
+            failures[i] = "TensorFlow cannot decode this image"
+            logging.error("cannot decode %s: %s", items[i].path, failures[i])
+        if verbose:
+            progress.update(
+                len(done) + len(failures), values=[("failed", len(failures))], finalize=False
+            )
+    for i in range(len(items)):
+        if i not in done and i not in failures:
+            failures[i] = "TensorFlow cannot decode this image"
+            logging.error("cannot decode %s: %s", items[i].path, failures[i])
+    if verbose:
+        progress.update(len(items), values=[("failed", len(failures))], finalize=True)
+
+    output = os.path.abspath(os.path.expanduser(os.fspath(output)))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    stem = os.path.splitext(output)[0]
+    _write_cells(output, items, done, group_columns, trained)
+    errors_file = f"{stem}_errors.csv"
+    _write_errors(errors_file, items, failures, group_columns)
+    group_files = {}
+    for column in group_columns:
+        name = {DEFAULT_SLIDE_COLUMN: "slides", DEFAULT_PATIENT_COLUMN: "patients"}.get(
+            column, column
+        )
+        path = f"{stem}_{name}.csv"
+        if _write_groups(path, column, items, done, failures, label_space.class_names):
+            group_files[column] = path
+    failed = sorted(failures)
+    return PredictResult(
+        output=output,
+        errors_file=errors_file,
+        group_files=group_files,
+        num_images=len(items),
+        num_predicted=len(done),
+        num_failed=len(failed),
+        failures=[(items[i].path, failures[i]) for i in failed],
+    )
+
+
+# ------------------------------------------------------------------ writers
+def _write_cells(
+    path: str,
+    items: Sequence[InputImage],
+    done: dict[int, dict[str, np.ndarray]],
+    group_columns: Sequence[str],
+    trained: artifacts.TrainedModel,
+) -> None:
+    class_names = trained.class_names
+    hierarchical = trained.label_space.head == "hierarchical"
+    levels = trained.taxonomy.levels if hierarchical else ()
+    header = ["file", *group_columns, "predicted_class", "probability"]
+    header += [f"prob_{name}" for name in class_names]
+    for k in range(len(levels)):
+        header += [f"level_{k}_decision", f"level_{k}_probability"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for index in sorted(done):
+            out = done[index]
+            item = items[index]
+            probs = out[signatures.PROBABILITIES]
+            class_id = int(out[signatures.CLASS_IDS])
+            row = [item.path, *(item.groups.get(c, "") for c in group_columns)]
+            row += [class_names[class_id], _format(probs[class_id])]
+            row += [_format(p) for p in probs]
+            for k, nodes in enumerate(levels):
+                decision = out[signatures.level_names_key(k)].decode("utf-8")
+                level_probs = out[signatures.level_probabilities_key(k)]
+                row += [decision, _format(level_probs[nodes.index(decision)]) if decision else ""]
+            writer.writerow(row)
+
+
+def _write_errors(
+    path: str, items: Sequence[InputImage], failures: dict[int, str], group_columns: Sequence[str]
+) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", *group_columns, "error"])
+        for index in sorted(failures):
+            item = items[index]
+            writer.writerow(
+                [item.path, *(item.groups.get(c, "") for c in group_columns), failures[index]]
+            )
+
+
+def _write_groups(
+    path: str,
+    column: str,
+    items: Sequence[InputImage],
+    done: dict[int, dict[str, np.ndarray]],
+    failures: dict[int, str],
+    class_names: Sequence[str],
+) -> bool:
+    """Writes the group-level CSV; returns False (and writes nothing) without any group id."""
+    from leukemia_tf.evaluation.aggregate import aggregate
+
+    indices = [i for i in sorted(done) if items[i].groups.get(column)]
+    no_id = len(done) - len(indices)
+    if no_id:
+        logging.warning(
+            "%d predicted image(s) have no %s and are left out of %s", no_id, column, path
+        )
+    if not indices:
+        logging.warning("no image has a %s: %s not written", column, path)
+        return False
+    probs = np.stack([done[i][signatures.PROBABILITIES] for i in indices])
+    pooled = aggregate([items[i].groups[column] for i in indices], probs)
+    failed_per_group = collections.Counter(
+        items[i].groups.get(column, "") for i in failures if items[i].groups.get(column)
+    )
+    header = [column, "n_cells", "n_failed", "majority_prediction", "majority_votes"]
+    header += ["mean_prediction", "mean_probability"]
+    header += [f"mean_prob_{name}" for name in class_names]
+    header += [f"votes_{name}" for name in class_names]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for g, group in enumerate(pooled["group_ids"]):
+            majority = int(pooled["majority_prediction"][g])
+            mean = int(pooled["mean_prediction"][g])
+            votes = pooled["vote_counts"][g]
+            mean_probs = pooled["mean_probs"][g]
+            writer.writerow(
+                [
+                    group,
+                    int(pooled["n_cells"][g]),
+                    failed_per_group.get(group, 0),
+                    class_names[majority],
+                    int(votes[majority]),
+                    class_names[mean],
+                    _format(mean_probs[mean]),
+                    *(_format(p) for p in mean_probs),
+                    *(int(v) for v in votes),
+                ]
+            )
+    return True
+
+
+def summary(result: PredictResult) -> str:
+    """A human-readable summary of a :class:`PredictResult`."""
+    lines = [
+        f"Predicted {result.num_predicted} of {result.num_images} image(s): {result.output}",
+    ]
+    for column, path in result.group_files.items():
+        lines.append(f"  per {column}: {path}")
+    if result.num_failed:
+        lines.append(
+            f"FAILED: {result.num_failed} image(s) could not be read, listed in {result.errors_file}:"
+        )
+        shown = result.failures[:20]
+        lines += [f"  {path}: {reason}" for path, reason in shown]
+        if result.num_failed > len(shown):
+            lines.append(f"  ... and {result.num_failed - len(shown)} more")
+    return "\n".join(lines)
+
+
+def print_summary(result: PredictResult) -> None:
+    """Prints :func:`summary` (failures to stderr)."""
+    print(summary(result), file=sys.stderr if result.num_failed else sys.stdout)

@@ -1,0 +1,301 @@
+"""Exports a trained model as a SavedModel that TF Serving loads.
+
+Layout (TF Serving's: one integer folder per version under the base path)::
+
+  export_dir/
+    <version>/
+      saved_model.pb, variables/        the float32 graph, signatures below
+      fingerprint.pb
+      assets/labels.txt                  class names, one per line (class_ids index it)
+      assets/taxonomy.yaml               the label tree (models trained on the taxonomy)
+      assets/config.json                 the training configuration
+      assets/export.json                 what was exported: source, temperature, signatures
+      assets.extra/tf_serving_warmup_requests
+
+The graph is always float32: ``artifacts.load_trained_model(float32=True)``
+rebuilds the model under the float32 policy, also for a model trained in
+``mixed_float16`` / ``mixed_bfloat16``, so a CPU server (or a GPU without
+bf16) serves it at full precision. Signatures: see
+:mod:`leukemia_tf.serving.signatures`.
+
+A version is written to a hidden temporary folder and renamed into place only
+when complete, so a TF Serving instance that polls ``export_dir`` never loads
+a half-written version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from leukemia_tf.serving import signatures, warmup
+from leukemia_tf.training import artifacts
+
+#: Format of ``assets/export.json`` (bump on an incompatible change).
+EXPORT_FORMAT_VERSION = 1
+
+LABELS_ASSET = "labels.txt"
+TAXONOMY_ASSET = "taxonomy.yaml"
+CONFIG_ASSET = "config.json"
+METADATA_ASSET = "export.json"
+
+#: Largest probability difference tolerated between the export and the Keras model.
+VERIFY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The export could not be written, or does not reproduce the Keras model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """Where an export went and what it holds."""
+
+    path: str  # export_dir/<version>
+    version: int
+    temperature: float
+    signatures: dict[str, list[str]]  # name -> output keys
+    warmup_records: int
+    max_abs_difference: float | None  # export vs Keras model on the warmup images
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def existing_versions(export_dir: str | os.PathLike) -> list[int]:
+    """The integer version folders already in ``export_dir`` (sorted)."""
+    export_dir = os.fspath(export_dir)
+    if not tf.io.gfile.isdir(export_dir):
+        return []
+    versions = []
+    for name in tf.io.gfile.listdir(export_dir):
+        name = name.rstrip("/")
+        if name.isdigit() and tf.io.gfile.isdir(os.path.join(export_dir, name)):
+            versions.append(int(name))
+    return sorted(versions)
+
+
+def next_version(export_dir: str | os.PathLike) -> int:
+    """One more than the largest version in ``export_dir`` (1 for a new folder)."""
+    versions = existing_versions(export_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def _check_temperature_available(model_dir: Path) -> None:
+    if not (model_dir / artifacts.CALIBRATION_FILE).is_file():
+        raise FileNotFoundError(
+            f"--apply_temperature: {model_dir / artifacts.CALIBRATION_FILE} not found; fit a "
+            f"temperature first (python -m leukemia_tf.evaluate --model_dir={model_dir}) or "
+            "export without --apply_temperature"
+        )
+
+
+def _stage_assets(trained: artifacts.TrainedModel, staging: Path, metadata: dict) -> dict[str, str]:
+    """Writes the asset files into ``staging``; returns ``{name: path}``."""
+    files = {}
+    labels = staging / LABELS_ASSET
+    labels.write_text("\n".join(trained.class_names) + "\n")
+    files[LABELS_ASSET] = str(labels)
+    if trained.taxonomy is not None:
+        taxonomy = staging / TAXONOMY_ASSET
+        shutil.copyfile(trained.taxonomy.source, taxonomy)
+        files[TAXONOMY_ASSET] = str(taxonomy)
+    config = staging / CONFIG_ASSET
+    config.write_text(json.dumps(trained.config.to_dict(), indent=2) + "\n")
+    files[CONFIG_ASSET] = str(config)
+    meta = staging / METADATA_ASSET
+    meta.write_text(json.dumps(metadata, indent=2) + "\n")
+    files[METADATA_ASSET] = str(meta)
+    return files
+
+
+def _verify(
+    path: str, trained: artifacts.TrainedModel, images: Sequence[bytes], temperature: float
+) -> float:
+    """Reloads the export and compares it with the Keras model on ``images``.
+
+    Returns:
+      The largest absolute probability difference.
+
+    Raises:
+      ExportError: the difference exceeds :data:`VERIFY_TOLERANCE`.
+    """
+    from leukemia_tf.data import preprocessing
+
+    loaded = tf.saved_model.load(path)
+    served = loaded.signatures[signatures.SERVING_DEFAULT](
+        image_bytes=tf.constant(list(images), tf.string)
+    )[signatures.PROBABILITIES].numpy()
+    pixels = np.stack(
+        [preprocessing.decode_and_resize(b, trained.image_size).numpy() for b in images]
+    )
+    expected = trained.label_space.probabilities(trained.outputs(pixels), temperature).numpy()
+    difference = float(np.max(np.abs(served - expected)))
+    if not difference <= VERIFY_TOLERANCE:
+        raise ExportError(
+            f"the export in {path} disagrees with the Keras model by {difference:.2e} "
+            f"(tolerance {VERIFY_TOLERANCE:g}) on the warmup images"
+        )
+    return difference
+
+
+def export_model(
+    model_dir: str | os.PathLike,
+    export_dir: str | os.PathLike,
+    *,
+    version: int | None = None,
+    which: str = "best",
+    apply_temperature: bool = False,
+    model_name: str = "leukemia",
+    warmup_images: str | Sequence[str] | None = None,
+    write_warmup: bool = True,
+    verify: bool = True,
+) -> ExportResult:
+    """Exports ``model_dir``'s model to ``export_dir/<version>/``.
+
+    Args:
+      model_dir: a finished training run (``leukemia_tf.train``'s output).
+      export_dir: TF Serving's model base path (local or ``gs://``).
+      version: the version folder; default: one more than the largest there.
+      which: ``"best"``, ``"last"`` or a ``.keras`` file.
+      apply_temperature: divide the logits by the temperature stored in
+        ``model_dir/calibration.json`` (by ``leukemia_tf.evaluate``).
+      model_name: TF Serving ``--model_name`` put into the warmup requests.
+      warmup_images: a glob, folder or file list of real images for the
+        warmup requests; default: the model's validation split if its data are
+        at hand, else generated images only.
+      write_warmup: write ``assets.extra/tf_serving_warmup_requests``.
+      verify: reload the export and check it reproduces the Keras model's
+        probabilities on the warmup images.
+
+    Returns:
+      An :class:`ExportResult`.
+
+    Raises:
+      FileNotFoundError: ``model_dir`` is not a trained model, or
+        ``apply_temperature`` without a stored temperature.
+      FileExistsError: ``export_dir/<version>`` exists.
+      ValueError: a bad ``version``.
+      ExportError: the reloaded export does not match the Keras model.
+    """
+    model_dir = Path(os.path.expanduser(os.fspath(model_dir)))
+    export_dir = os.fspath(export_dir)
+    if not _is_remote(export_dir):
+        export_dir = os.path.abspath(os.path.expanduser(export_dir))
+    if version is None:
+        version = next_version(export_dir)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"--version={version!r}: must be a positive integer (TF Serving's layout)")
+    final = os.path.join(export_dir, str(version))
+    if tf.io.gfile.exists(final):
+        raise FileExistsError(
+            f"{final} already exists: choose another --version, or leave --version out to "
+            f"write version {next_version(export_dir)}"
+        )
+    if apply_temperature:
+        _check_temperature_available(model_dir)
+    if write_warmup:
+        warmup.check_available()  # fail before the slow part
+
+    trained = artifacts.load_trained_model(model_dir, which=which, float32=True)
+    temperature = trained.temperature if apply_temperature else 1.0
+    # Real images for the warmup requests and the check of the reloaded export.
+    if warmup_images:
+        real = warmup.read_image_files(warmup_images)
+    elif write_warmup or verify:
+        real = warmup.dataset_images(trained.config)
+    else:
+        real = []
+
+    output_keys = signatures.output_keys(trained.label_space)
+    metadata = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "model_name": model_name,
+        "version": version,
+        "source_model_dir": str(model_dir),
+        "checkpoint": which,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "dtype": "float32",
+        "trained_precision": trained.config.precision,
+        "backbone": trained.config.backbone,
+        "head": trained.config.head,
+        "image_size": trained.image_size,
+        "class_names": trained.class_names,
+        "taxonomy_levels": [list(level) for level in trained.taxonomy.levels]
+        if trained.taxonomy is not None and trained.config.head == "hierarchical"
+        else None,
+        "temperature": temperature,
+        "temperature_applied": bool(apply_temperature),
+        "stored_temperature": trained.temperature,
+        "preprocessing": "leukemia_tf.data.preprocessing.decode_and_resize "
+        "(aspect kept, padded with the mean colour)",
+        "signatures": {
+            signatures.SERVING_DEFAULT: {
+                "inputs": {signatures.IMAGE_BYTES: "string [N] encoded JPEG/PNG/BMP/GIF"},
+                "outputs": output_keys,
+            },
+            signatures.PREDICT_PIXELS: {
+                "inputs": {signatures.PIXELS: "float32 [N, H, W, 3] RGB 0-255"},
+                "outputs": output_keys,
+            },
+        },
+    }
+
+    tf.io.gfile.makedirs(export_dir)
+    # Not an integer name: TF Serving ignores it while it is being written.
+    staging_version = os.path.join(
+        export_dir, f".tmp-{version}-{os.getpid()}-{datetime.datetime.now():%H%M%S%f}"
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="leukemia_export_assets_") as staging:
+            module = signatures.ServingModule(
+                trained.model,
+                trained.label_space,
+                trained.image_size,
+                temperature,
+                assets=_stage_assets(trained, Path(staging), metadata),
+            )
+            tf.saved_model.save(
+                module,
+                staging_version,
+                signatures=module.signatures,
+                # Serving needs no gradients; skipping them keeps the graph lean.
+                options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+            )
+        records = 0
+        if write_warmup:
+            requests = warmup.build_requests(trained.image_size, real, model_name=model_name)
+            warmup.write_warmup_file(staging_version, requests)
+            records = len(requests)
+        difference = None
+        if verify:
+            check_images = list(real) + warmup.coverage_images(trained.image_size)
+            difference = _verify(staging_version, trained, check_images, temperature)
+        tf.io.gfile.rename(staging_version, final, overwrite=False)
+    except BaseException:
+        if tf.io.gfile.exists(staging_version):
+            tf.io.gfile.rmtree(staging_version)
+        raise
+    logging.info("exported %s (%s) to %s", model_dir, which, final)
+    return ExportResult(
+        path=final,
+        version=version,
+        temperature=temperature,
+        signatures={name: output_keys for name in signatures.SIGNATURES},
+        warmup_records=records,
+        max_abs_difference=difference,
+    )
