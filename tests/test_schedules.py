@@ -10,7 +10,9 @@ def _lr(schedule, step):
 
 
 def test_single_stage_warmup_then_cosine_to_min():
-    s = TwoStageWarmupCosine(1e-3, total_steps=100, warmup_steps=10, min_ratio=0.01, stage2_factor=0.1)
+    s = TwoStageWarmupCosine(
+        1e-3, total_steps=100, warmup_steps=10, min_ratio=0.01, stage2_factor=0.1
+    )
     assert _lr(s, 0) == pytest.approx(1e-4)
     assert _lr(s, 9) == pytest.approx(1e-3)
     assert _lr(s, 10) == pytest.approx(1e-3)

@@ -16,7 +16,8 @@ import pytest
 from leukemia_tf.training import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.flags"))
+# The tune_* flagfiles take the search flags too; tests/test_tuning.py parses them.
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.flags") if not p.name.startswith("tune"))
 
 
 # ------------------------------------------------------------------ configs
@@ -71,7 +72,7 @@ def test_flagfile_round_trip(tmp_path):
 # -------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
-    from leukemia_tf import build_data
+    from leukemia_tf.data import build as build_data
 
     data_dir = tmp_path_factory.mktemp("tfds")
     build_data.build("leukemia_synthetic", data_dir=str(data_dir))

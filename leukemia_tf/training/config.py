@@ -187,7 +187,18 @@ class TrainConfig:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> TrainConfig:
-        """Reads the config a training run wrote into ``model_dir``."""
+        """Reads the config a training run wrote into ``model_dir`` (local or gs://)."""
+        model_dir = os.fspath(model_dir)
+        if _is_url(model_dir):
+            import tensorflow as tf  # only for remote paths: keep this module light
+
+            path = f"{model_dir.rstrip('/')}/config.json"
+            if not tf.io.gfile.exists(path):
+                raise FileNotFoundError(
+                    f"{path} not found: is {model_dir} a leukemia_tf model_dir?"
+                )
+            with tf.io.gfile.GFile(path) as f:
+                return cls.from_dict(json.loads(f.read()))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {model_dir} a leukemia_tf model_dir?")
@@ -208,15 +219,28 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
     def save(self, model_dir: str | os.PathLike) -> None:
-        """Writes ``config.json`` and ``flags.txt`` into ``model_dir``."""
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        (model_dir / "flags.txt").write_text(
-            "# Resolved configuration of this run. Reproduce it with:\n"
-            f"#   python -m leukemia_tf.train --flagfile={model_dir / 'flags.txt'}\n"
-            + self.to_flagfile()
-        )
+        """Writes ``config.json`` and ``flags.txt`` into ``model_dir`` (local or gs://)."""
+        model_dir = os.fspath(model_dir)
+        files = {
+            "config.json": json.dumps(self.to_dict(), indent=2) + "\n",
+            "flags.txt": "# Resolved configuration of this run. Reproduce it with:\n"
+            f"#   python -m leukemia_tf.train --flagfile={os.path.join(model_dir, 'flags.txt')}\n"
+            + self.to_flagfile(),
+        }
+        if _is_url(model_dir):
+            import tensorflow as tf  # only for remote paths: keep this module light
+
+            tf.io.gfile.makedirs(model_dir)
+            for name, text in files.items():
+                path = f"{model_dir.rstrip('/')}/{name}"
+                if tf.io.gfile.exists(path):
+                    tf.io.gfile.remove(path)  # TF's ram:// appends on "w"
+                with tf.io.gfile.GFile(path, "w") as f:
+                    f.write(text)
+            return
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (Path(model_dir) / name).write_text(text)
 
     # ----------------------------------------------------------- validation
     def parsed_level_weights(self) -> list[float] | None:
@@ -281,6 +305,11 @@ class TrainConfig:
             )
         if self.strategy == "tpu" and not self.tpu:
             raise ConfigError("--strategy=tpu needs --tpu=local (Colab) or --tpu=NAME")
+        if self.tpu and self.strategy not in ("auto", "tpu"):
+            raise ConfigError(
+                f"--tpu={self.tpu!r} with --strategy={self.strategy}: use --strategy=tpu (or auto) "
+                "to train on a TPU, or drop --tpu"
+            )
         if self.weights not in ("imagenet", "none") and not Path(self.weights).exists():
             raise ConfigError(
                 f"--weights={self.weights!r}: no such file; use 'imagenet', 'none' or a weights file"
@@ -288,7 +317,97 @@ class TrainConfig:
         if self.cache not in ("memory", "none") and not self.cache.strip():
             raise ConfigError("--cache: use 'memory', 'none' or a file path prefix")
         self.parsed_level_weights()
+        check_tpu_config(self)
         return self
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def targets_tpu(config: TrainConfig) -> bool:
+    """True when ``config`` trains on a TPU (``--strategy=tpu``, or ``auto`` with ``--tpu``)."""
+    return config.strategy == "tpu" or (config.strategy == "auto" and bool(config.tpu))
+
+
+def check_tpu_config(config: TrainConfig, strategy_or_num_replicas=None) -> list[str]:
+    """Fails early on what a TPU run cannot take; returns warnings on what is slow.
+
+    A Cloud TPU (``--tpu=NAME``: a TPU node, reached over the network) runs the
+    input pipeline, the checkpoint writes and the summaries on its own hosts,
+    which cannot read or write this machine's disk: ``data_dir``, ``model_dir``
+    and a file ``--cache`` must be ``gs://`` paths there. On a TPU VM
+    (``--tpu=local``: Colab's TPU runtime, or ``gcloud ... tpus tpu-vm ssh``)
+    the TPU hangs off the machine that runs Python, so local paths work.
+
+    Checked here (``ConfigError`` naming the flag): the paths above; a
+    precision a TPU cannot run (``mixed_float16``: TPUs compute in bfloat16);
+    and, given the strategy or its replica count, a global batch that does not
+    split into equal, static per-core batches. Every other shape is static by
+    construction (training batches drop their remainder, validation batches
+    are padded, images have one size).
+
+    Args:
+      config: the training configuration. Nothing is checked unless it
+        targets a TPU (:func:`targets_tpu`).
+      strategy_or_num_replicas: the ``TPUStrategy`` or its number of replicas
+        (TPU cores), for the batch checks; ``None`` skips them (the count is
+        known once the TPU is connected).
+
+    Returns:
+      Warnings about settings that run but waste the TPU (the caller logs them).
+
+    Raises:
+      ConfigError: a setting a TPU cannot take.
+    """
+    if not targets_tpu(config):
+        return []
+    remote = config.tpu != "local"
+    if remote:
+        for name in ("data_dir", "model_dir"):
+            value = getattr(config, name)
+            if not value.startswith("gs://"):
+                raise ConfigError(
+                    f"--{name}={value!r}: a Cloud TPU (--tpu={config.tpu}) reads its input and "
+                    "writes its checkpoints from its own hosts, which cannot see this machine's "
+                    "disk; use a gs://BUCKET/... path (or run on a TPU VM with --tpu=local, where "
+                    "local paths work)"
+                )
+        if config.cache not in ("memory", "none") and not config.cache.startswith("gs://"):
+            raise ConfigError(
+                f"--cache={config.cache!r}: a Cloud TPU's hosts cannot write this machine's disk; "
+                "use --cache=memory, --cache=none or a gs:// prefix"
+            )
+    if config.precision == "mixed_float16":
+        raise ConfigError(
+            "--precision=mixed_float16: TPUs compute in bfloat16; use --precision=mixed_bfloat16 "
+            "(or auto, which picks it on a TPU)"
+        )
+    warnings = []
+    if strategy_or_num_replicas is not None:
+        replicas = int(
+            getattr(strategy_or_num_replicas, "num_replicas_in_sync", strategy_or_num_replicas)
+        )
+        if config.batch_size % replicas:
+            raise ConfigError(
+                f"--batch_size={config.batch_size} (global) does not split over the {replicas} "
+                "TPU cores: every core needs the same, static batch; use a multiple of "
+                f"{replicas}"
+            )
+        per_core = config.batch_size // replicas
+        if per_core % 8:
+            warnings.append(
+                f"--batch_size={config.batch_size} gives {per_core} examples per TPU core; a "
+                "multiple of 8 (ideally 64-128) per core keeps the TPU's matrix units busy"
+            )
+    if config.steps_per_execution == 1:
+        warnings.append(
+            "--steps_per_execution=1: the host launches every TPU step; 16-128 steps per call "
+            "cut that overhead"
+        )
+    if config.xla:
+        warnings.append("--xla is implied on a TPU (XLA compiles every step); the flag is ignored")
+    return warnings
 
 
 def _flag_type(field: dataclasses.Field) -> type:

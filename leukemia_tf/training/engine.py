@@ -10,19 +10,37 @@ cosine decay, EMA weights, class weighting, two-stage fine-tuning, best and
 last checkpoints, backup-and-restore of a killed run
 (``tf.train.CheckpointManager``), TensorBoard and CSV logs, early stopping and
 a stop on NaN that names the step.
+
+Scaling out (README "Scaling out"):
+
+* Every strategy gets its input through ``distribute_datasets_from_function``:
+  training batches are per replica (``batch_size / num_replicas``), sharded
+  per worker (:func:`train_input_fn`), repeated forever with
+  ``drop_remainder``, so every worker runs the same number of steps and every
+  shape is static. Validation batches are padded and spread evenly
+  (:func:`eval_input_fn`), so no collective op waits for a worker that ran
+  out of data. String features never enter the step (XLA and TPUs take none);
+  a TPU gets bfloat16 images (it takes no uint8).
+* Multi-worker: only the chief writes ``model_dir`` (config, logs, history,
+  models). Saving is collective, so the other workers save too, into a
+  scratch dir (``model_dir/.workers/<task>``) emptied after every save and
+  deleted at the end. Every worker restores the chief's backup, and the
+  workers check at start that they resume from the same epoch with the same
+  step-determining flags (a mismatch would hang the collectives).
+* ``model_dir`` may be a ``gs://`` URL: every file goes through
+  ``tf.io.gfile``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -43,6 +61,14 @@ LAST_MODEL = "last.keras"
 SUMMARY = "train_summary.json"
 HISTORY_CSV = "history.csv"
 BACKUP_DIR = "backup"
+#: Scratch space of the non-chief workers of a multi-worker run (deleted).
+WORKERS_DIR = distribute.WORKERS_DIR
+
+#: The batch features the model step uses. The string features (patient_id,
+#: file_name, ...) never enter the step: a TPU and XLA take no strings.
+MODEL_FEATURES = ("image", "label", "levels")
+#: Added to validation batches: 1 for a real example, 0 for padding.
+VALID = "valid"
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -123,30 +149,53 @@ def _clip_across_replicas(grads, clipnorm: float, optimizer, num_replicas: int) 
     return out
 
 
-def _prepare_model_dir(config: TrainConfig, chief: bool) -> Path:
-    model_dir = Path(os.path.expanduser(config.model_dir))
-    finished = (model_dir / SUMMARY).exists()
+def _join(*parts: str) -> str:
+    # Plain string joins: model_dir may be a gs:// URL, which pathlib mangles.
+    return os.path.join(*parts)
+
+
+def _remove(path: str) -> None:
+    """Deletes a file or directory tree (local or gs://) if it exists."""
+    if not tf.io.gfile.exists(path):
+        return
+    if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+    else:
+        tf.io.gfile.remove(path)
+
+
+def _write_text(path: str, text: str) -> None:
+    # Remove first: some file systems (TF's ram://) append on "w".
+    _remove(path)
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(text)
+
+
+def _model_dir(config: TrainConfig) -> str:
+    model_dir = config.model_dir
+    return model_dir if "://" in model_dir else os.path.expanduser(model_dir)
+
+
+def _prepare_model_dir(config: TrainConfig, chief: bool) -> str:
+    model_dir = _model_dir(config)
+    finished = tf.io.gfile.exists(_join(model_dir, SUMMARY))
     if finished and not config.overwrite:
         raise ConfigError(
             f"--model_dir={config.model_dir!r} holds a finished run ({SUMMARY}); choose another "
             "directory or pass --overwrite to start afresh"
         )
     if chief and config.overwrite:
-        for name in (BEST_MODEL, LAST_MODEL, SUMMARY, HISTORY_CSV, BACKUP_DIR, "logs"):
-            path = model_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        for name in (BEST_MODEL, LAST_MODEL, SUMMARY, HISTORY_CSV, BACKUP_DIR, WORKERS_DIR, "logs"):
+            _remove(_join(model_dir, name))
     if chief:
-        model_dir.mkdir(parents=True, exist_ok=True)
+        tf.io.gfile.makedirs(model_dir)
     return model_dir
 
 
-def _read_history(path: Path, upto_epoch: int) -> list[dict]:
-    if not path.exists():
+def _read_history(path: str, upto_epoch: int) -> list[dict]:
+    if not tf.io.gfile.exists(path):
         return []
-    with path.open() as f:
+    with tf.io.gfile.GFile(path) as f:
         rows = [
             {k: (float(v) if k != "epoch" else int(v)) for k, v in row.items()}
             for row in csv.DictReader(f)
@@ -154,16 +203,41 @@ def _read_history(path: Path, upto_epoch: int) -> list[dict]:
     return [r for r in rows if r["epoch"] < upto_epoch]
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
+def _write_history(path: str, history: list[dict]) -> None:
     if not history:
         return
     keys = list(history[0])
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+    tmp = path + ".tmp"
+    _remove(tmp)
+    with tf.io.gfile.GFile(tmp, "w") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    tmp.replace(path)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+#: The settings that decide how many collective steps a run takes: every
+#: worker of a multi-worker run must agree on them, or the run would hang.
+_LOCKSTEP_FIELDS = (
+    "datasets",
+    "train_split",
+    "val_split",
+    "batch_size",
+    "epochs",
+    "steps_per_epoch",
+    "steps_per_execution",
+    "freeze_epochs",
+    "early_stopping_patience",
+    "monitor",
+    "backbone",
+    "head",
+    "image_size",
+)
+
+
+def _run_fingerprint(config: TrainConfig) -> int:
+    text = json.dumps({k: getattr(config, k) for k in _LOCKSTEP_FIELDS}, sort_keys=True)
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 4096
 
 
 def _better(monitor: str, value: float, best: float) -> bool:
@@ -193,6 +267,163 @@ def _prepare_generated_datasets(specs, data_dir: str | None) -> None:
         build_lib.build(spec.name, data_dir=data_dir)
 
 
+# ---------------------------------------------------------------------------- input
+def _cache_arg(config: TrainConfig) -> bool | str:
+    return {"memory": True, "none": False}.get(config.cache, config.cache)
+
+
+def _features_fn(image_dtype: tf.DType) -> Callable[[dict], dict]:
+    def fn(batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k in MODEL_FEATURES}
+        if image_dtype != out["image"].dtype:
+            out["image"] = tf.cast(out["image"], image_dtype)
+        return out
+
+    return fn
+
+
+def input_image_dtype(strategy: tf.distribute.Strategy) -> tf.DType:
+    """``uint8`` (4x less to copy than float32), but ``bfloat16`` for a TPU.
+
+    TPUs take no uint8 input; bfloat16 holds every integer 0-255 exactly
+    (8 significant bits) at half the bytes of float32.
+    """
+    return tf.bfloat16 if isinstance(strategy, tf.distribute.TPUStrategy) else tf.uint8
+
+
+def train_input_fn(
+    config: TrainConfig,
+    specs,
+    data_dir: str | None,
+    taxonomy: Taxonomy | None,
+    image_dtype: tf.DType = tf.uint8,
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """The training input function for ``strategy.distribute_datasets_from_function``.
+
+    Each input pipeline (one per worker or TPU host) reads its shard of the
+    training split (by file when the split has at least as many files as
+    pipelines, else by example: see :mod:`leukemia_tf.data.pipeline`) and
+    yields per-replica batches of ``batch_size / num_replicas`` examples,
+    forever, with ``drop_remainder``: every shape is static (TPU, XLA) and
+    every worker can run the same number of steps per epoch.
+
+    Args:
+      config: the training configuration.
+      specs: the parsed ``--datasets``.
+      data_dir: the TFDS data directory (``None``: TFDS's default).
+      taxonomy: the taxonomy (taxonomy label mode), else ``None``.
+      image_dtype: dtype of the images handed to the step
+        (:func:`input_image_dtype`).
+
+    Returns:
+      ``fn(input_context) -> tf.data.Dataset`` of dicts with :data:`MODEL_FEATURES`.
+    """
+
+    def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        ds = pipeline.load_split(
+            specs,
+            config.train_split,
+            data_dir=data_dir,
+            image_size=config.image_size,
+            batch_size=config.batch_size,  # load_split divides it per replica
+            training=True,
+            label_mode=config.label_mode,
+            taxonomy=taxonomy,
+            cache=_cache_arg(config),
+            shuffle_buffer=config.shuffle_buffer,
+            seed=config.seed,
+            deterministic=config.deterministic,
+            input_context=ctx,
+        )
+        return ds.map(_features_fn(image_dtype), num_parallel_calls=tf.data.AUTOTUNE)
+
+    return fn
+
+
+def eval_input_fn(
+    config: TrainConfig,
+    specs,
+    data_dir: str | None,
+    taxonomy: Taxonomy | None,
+    num_examples: int,
+    image_dtype: tf.DType = tf.uint8,
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """The validation input function: full, padded batches, as many on every replica.
+
+    An evaluation loop with collective ops (``strategy.gather``, and the
+    multi-worker iterator's end-of-data check) hangs or retraces when input
+    pipelines hold different numbers of batches or a last partial batch, and
+    a TPU needs static shapes. So every pipeline reads the WHOLE validation
+    split in a fixed order (no sharding by file, which could be uneven),
+    pads it with masked examples (``valid`` = 0) to a whole number of global
+    batches, and keeps every ``num_input_pipelines``-th per-replica batch:
+    each replica then gets the same number of full batches, and the examples
+    are evaluated exactly once in all. Reading the split once per worker costs
+    some I/O; validation splits are small.
+
+    Args:
+      config: the training configuration.
+      specs: the parsed ``--datasets``.
+      data_dir: the TFDS data directory.
+      taxonomy: the taxonomy (taxonomy label mode), else ``None``.
+      num_examples: examples in the validation split (after dropping those
+        whose label maps to null), as :func:`pipeline.class_counts` counts them.
+      image_dtype: dtype of the images handed to the step
+        (:func:`input_image_dtype`).
+
+    Returns:
+      ``fn(input_context) -> tf.data.Dataset`` of dicts with
+      :data:`MODEL_FEATURES` and :data:`VALID`.
+    """
+
+    def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = ctx.get_per_replica_batch_size(config.batch_size)
+        pipelines, pipeline_id = ctx.num_input_pipelines, ctx.input_pipeline_id
+        cache = _cache_arg(config)
+        if isinstance(cache, str) and pipelines > 1:
+            # Every worker reads the whole split: one cache file each.
+            cache = f"{cache}pipeline{pipeline_id}of{pipelines}_"
+        ds = pipeline.load_split(
+            specs,
+            config.val_split,
+            data_dir=data_dir,
+            image_size=config.image_size,
+            batch_size=batch,
+            training=False,
+            label_mode=config.label_mode,
+            taxonomy=taxonomy,
+            cache=cache,
+            # Sharding by batch below needs the same order in every pipeline.
+            deterministic=config.deterministic or pipelines > 1,
+        )
+        ds = ds.map(_features_fn(image_dtype))
+        spec = ds.element_spec
+        num_batches = -(-num_examples // batch)
+        replicas = ctx.num_replicas_in_sync
+        total = -(-num_batches // replicas) * replicas
+
+        def pad(features: dict) -> dict:
+            n = tf.shape(features["label"])[0]
+            out = {}
+            for key, value in features.items():
+                paddings = [[0, batch - n]] + [[0, 0]] * (value.shape.rank - 1)
+                out[key] = tf.ensure_shape(tf.pad(value, paddings), [batch, *spec[key].shape[1:]])
+            out[VALID] = tf.ensure_shape(tf.sequence_mask(n, batch, dtype=tf.int32), [batch])
+            return out
+
+        filler = {key: tf.zeros([batch, *s.shape[1:]], s.dtype) for key, s in spec.items()} | {
+            VALID: tf.zeros([batch], tf.int32)
+        }
+        ds = ds.map(pad).concatenate(
+            tf.data.Dataset.from_tensors(filler).repeat(total - num_batches)
+        )
+        # `take` guards the count; `shard` gives each pipeline every n-th batch.
+        ds = ds.take(total).shard(pipelines, pipeline_id)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    return fn
+
+
 # ---------------------------------------------------------------------------- train
 def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> TrainResult:
     """Trains a model as ``config`` says and writes everything into ``config.model_dir``.
@@ -215,12 +446,24 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         tf.config.experimental.enable_op_determinism()
 
     strategy = distribute.make_strategy(config.strategy, config.tpu)
+    on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+    if on_tpu:
+        for warning in distribute.check_tpu_config(config, strategy):
+            logging.warning("TPU: %s", warning)
+            print(f"Warning (TPU): {warning}")
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise ConfigError(
+            f"--batch_size={config.batch_size} is the global batch: it must be divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas of {type(strategy).__name__}"
+        )
     precision = distribute.resolve_precision(config.precision, strategy)
     distribute.set_precision(precision)
     chief = distribute.is_chief(strategy)
+    num_workers = distribute.num_workers(strategy)
     model_dir = _prepare_model_dir(config, chief)
-    write_dir = Path(distribute.worker_dir(str(model_dir), strategy))
-    write_dir.mkdir(parents=True, exist_ok=True)
+    # Non-chief workers write into a scratch dir, emptied after every write.
+    write_dir = distribute.worker_dir(model_dir, strategy)
+    tf.io.gfile.makedirs(write_dir)
 
     taxonomy = (
         Taxonomy.load(config.taxonomy or None)
@@ -259,42 +502,21 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         class_weights = np.ones(len(counts))
     class_weights = tf.constant(class_weights, tf.float32)
 
-    cache = {"memory": True, "none": False}.get(config.cache, config.cache)
-
-    def train_input(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        return pipeline.load_split(
-            specs,
-            config.train_split,
-            data_dir=data_dir,
-            image_size=config.image_size,
-            batch_size=global_batch,  # load_split divides it per replica
-            training=True,
-            label_mode=config.label_mode,
-            taxonomy=taxonomy,
-            cache=cache,
-            shuffle_buffer=config.shuffle_buffer,
-            seed=config.seed,
-            deterministic=config.deterministic,
-            input_context=ctx,
+    train_ds = strategy.distribute_datasets_from_function(
+        train_input_fn(config, specs, data_dir, taxonomy, input_image_dtype(strategy))
+    )
+    val_ds = None
+    if config.val_split:
+        num_val = int(
+            pipeline.class_counts(
+                specs, config.val_split, data_dir, config.label_mode, taxonomy
+            ).sum()
         )
-
-    def val_input(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        return pipeline.load_split(
-            specs,
-            config.val_split,
-            data_dir=data_dir,
-            image_size=config.image_size,
-            batch_size=global_batch,  # load_split divides it per replica
-            training=False,
-            label_mode=config.label_mode,
-            taxonomy=taxonomy,
-            cache=cache,
-            deterministic=config.deterministic,
-            input_context=ctx,
+        if num_val == 0:
+            raise ValueError(f"--val_split={config.val_split!r} is empty")
+        val_ds = strategy.distribute_datasets_from_function(
+            eval_input_fn(config, specs, data_dir, taxonomy, num_val, input_image_dtype(strategy))
         )
-
-    train_ds = strategy.distribute_datasets_from_function(train_input)
-    val_ds = strategy.distribute_datasets_from_function(val_input) if config.val_split else None
 
     total_steps = steps_per_epoch * config.epochs
     stage1_steps = steps_per_epoch * config.freeze_epochs
@@ -360,21 +582,31 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         best_epoch=best_epoch_var,
         waited=waited_var,
     )
-    manager = tf.train.CheckpointManager(checkpoint, str(write_dir / BACKUP_DIR), max_to_keep=1)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).expect_partial()
-        logging.info("Resuming from %s (epoch %d)", manager.latest_checkpoint, int(epoch_var))
-        print(f"Resuming the run in {model_dir} after epoch {int(epoch_var)}.")
+    # Saving is collective under MultiWorkerMirroredStrategy: every worker
+    # saves, the non-chief ones into their scratch dir. Every worker restores
+    # from the chief's backup (model_dir must be shared: gs:// or a network
+    # disk), so a restarted cluster resumes from one state, as Keras's
+    # BackupAndRestore does.
+    manager = tf.train.CheckpointManager(checkpoint, _join(write_dir, BACKUP_DIR), max_to_keep=1)
+    latest = None if config.overwrite else tf.train.latest_checkpoint(_join(model_dir, BACKUP_DIR))
+    if latest:
+        checkpoint.restore(latest).expect_partial()
+        logging.info("Resuming from %s (epoch %d)", latest, int(epoch_var.numpy()))
+        if chief:
+            print(f"Resuming the run in {model_dir} after epoch {int(epoch_var.numpy())}.")
     start_epoch = int(epoch_var.numpy())
-    config.save(model_dir) if chief else None
+    if num_workers > 1:
+        distribute.check_workers_agree(strategy, start_epoch, _run_fingerprint(config))
     if chief:
-        (model_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
+        config.save(model_dir)
+        _write_text(_join(model_dir, "labels.txt"), "\n".join(class_names) + "\n")
 
     # ------------------------------------------------------------- the step
     num_replicas = strategy.num_replicas_in_sync
     mix_alpha = (config.mixup_alpha, config.cutmix_alpha)
 
-    def step_fn(batch):
+    def gradients_fn(batch):
+        """Augmentation, forward and backward pass of one replica: no cross-replica sync."""
         labels = tf.cast(batch["label"], tf.int32)
         images = tf.cast(batch["image"], tf.float32)
         targets = space.targets(batch)
@@ -392,7 +624,6 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
                 lambda: augment.cutmix(images, targets, mix_alpha[1] or 1.0),
                 lambda: augment.mixup(images, targets, mix_alpha[0] or 1.0),
             )
-        trainable = model.trainable_variables
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
             per_example = space.loss(targets, outputs, config.label_smoothing, level_weights)
@@ -400,20 +631,49 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, trainable)
-        if clip_in_step:
-            grads = _clip_across_replicas(grads, config.clipnorm, optimizer, num_replicas)
-        optimizer.apply_gradients(zip(grads, trainable, strict=True))
+        grads = tape.gradient(scaled, model.trainable_variables)
         probs = space.probabilities(outputs)
         correct = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), labels), tf.float32)
         )
-        return tf.stack(
+        stats = tf.stack(
             [tf.reduce_sum(per_example), correct, tf.cast(tf.shape(labels)[0], tf.float32)]
         )
+        return grads, stats
+
+    def apply_fn(grads) -> None:
+        """The cross-replica part: gradient clipping and the all-reduced update."""
+        trainable = model.trainable_variables
+        if clip_in_step:
+            grads = _clip_across_replicas(grads, config.clipnorm, optimizer, num_replicas)
+        optimizer.apply_gradients(zip(grads, trainable, strict=True))
+
+    def step_fn(batch):
+        grads, stats = gradients_fn(batch)
+        apply_fn(grads)
+        return stats
 
     def make_train_fn():
-        step = tf.function(step_fn, jit_compile=config.xla) if config.xla else step_fn
+        # A TPU compiles everything with XLA already: --xla is for GPUs and CPUs.
+        if not config.xla or on_tpu:
+            step = step_fn
+        elif num_replicas == 1:
+            step = tf.function(step_fn, jit_compile=True)  # the update is compiled too
+        else:
+            # Several replicas: a synchronisation point (the gradient all-reduce)
+            # cannot sit inside a function nested in strategy.run, so only the
+            # per-replica part is compiled; and each replica device gets its own
+            # compiled function, as a shared trace would reach the other
+            # replicas' variables across devices, which XLA refuses.
+            compiled = {}
+
+            def step(batch):
+                device = str(tf.distribute.get_replica_context().devices)
+                if device not in compiled:
+                    compiled[device] = tf.function(gradients_fn, jit_compile=True)
+                grads, stats = compiled[device](batch)
+                apply_fn(grads)
+                return stats
 
         @tf.function
         def train_fn(iterator, num_steps):
@@ -431,7 +691,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
             outputs = model(tf.cast(b["image"], tf.float32), training=False)
             probs = space.probabilities(outputs)
             loss = space.loss(space.targets(b), outputs, 0.0, level_weights)
-            return probs, tf.cast(b["label"], tf.int32), loss
+            return probs, tf.cast(b["label"], tf.int32), loss, b[VALID]
 
         out = strategy.run(replica, args=(batch,))
         return tuple(strategy.gather(x, axis=0) for x in out)
@@ -439,27 +699,36 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
     def evaluate() -> dict:
         probs, labels, losses = [], [], []
         for batch in val_ds:
-            p, y, loss = eval_fn(batch)
-            probs.append(p.numpy())
-            labels.append(y.numpy())
-            losses.append(loss.numpy())
-        if not probs:
-            raise ValueError(f"--val_split={config.val_split!r} is empty")
+            p, y, loss, valid = (x.numpy() for x in eval_fn(batch))
+            keep = valid.astype(bool)  # drop the padding
+            probs.append(p[keep])
+            labels.append(y[keep])
+            losses.append(loss[keep])
         probs_np, labels_np = np.concatenate(probs), np.concatenate(labels)
+        if len(labels_np) != num_val:
+            raise RuntimeError(
+                f"validation saw {len(labels_np)} examples of --val_split={config.val_split!r}, "
+                f"expected {num_val}"
+            )
         out = classification_metrics(labels_np, probs_np, space.num_classes)
         out["loss"] = float(np.mean(np.concatenate(losses)))
         return {f"val_{k}": v for k, v in out.items()}
 
     def save_model(name: str) -> None:
-        path = write_dir / name
-        model.save(str(path))
+        # Every worker saves (reading mirrored values may be collective); a
+        # non-chief worker's copy is deleted at once.
+        path = _join(write_dir, name)
+        tf.io.gfile.makedirs(write_dir)  # a chief's --overwrite may have removed it
+        model.save(path)
+        if not chief:
+            _remove(path)
 
     # ------------------------------------------------------------- the loop
-    history = _read_history(model_dir / HISTORY_CSV, start_epoch) if chief else []
+    history = _read_history(_join(model_dir, HISTORY_CSV), start_epoch) if chief else []
     writers = (
         {
-            "train": tf.summary.create_file_writer(str(model_dir / "logs" / "train")),
-            "validation": tf.summary.create_file_writer(str(model_dir / "logs" / "validation")),
+            "train": tf.summary.create_file_writer(_join(model_dir, "logs", "train")),
+            "validation": tf.summary.create_file_writer(_join(model_dir, "logs", "validation")),
         }
         if chief
         else None
@@ -496,7 +765,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
                 raise FloatingPointError(
                     f"training loss became {chunk[0]} at step {global_step} (epoch {epoch + 1}); "
                     f"lower --learning_rate (now {config.learning_rate}) or check the data. "
-                    f"The last good checkpoint is in {write_dir / BACKUP_DIR}"
+                    f"The last good checkpoint is in {_join(model_dir, BACKUP_DIR)}"
                 )
             if progbar is not None:
                 progbar.update(
@@ -529,16 +798,18 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
             _swap_ema_weights(optimizer)
         epoch_var.assign(epoch + 1)
         manager.save(checkpoint_number=epoch + 1)
+        if not chief:
+            _remove(_join(write_dir, BACKUP_DIR))
         if chief:
             history.append(logs)
-            _write_history(model_dir / HISTORY_CSV, history)
+            _write_history(_join(model_dir, HISTORY_CSV), history)
             for key, val in logs.items():
                 if key == "epoch":
                     continue
                 split = "validation" if key.startswith("val_") else "train"
                 with writers[split].as_default(step=epoch + 1):
                     tf.summary.scalar(key.removeprefix("val_"), val)
-        if config.verbose:
+        if config.verbose and chief:
             print(
                 f"epoch {epoch + 1}/{config.epochs}: "
                 + ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "epoch")
@@ -546,7 +817,11 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
             )
         for callback in callbacks:
             callback(epoch, logs)
-        if config.early_stopping_patience and int(waited_var) >= config.early_stopping_patience:
+        if (
+            config.early_stopping_patience
+            and int(waited_var.numpy()) >= config.early_stopping_patience
+        ):
+            # Every worker computed the same validation metrics: all stop here.
             print(
                 f"Early stopping: {config.monitor} did not improve for "
                 f"{config.early_stopping_patience} epochs."
@@ -556,8 +831,8 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
     best_epoch = int(best_epoch_var.numpy())
     best_row = next((r for r in history if r["epoch"] == best_epoch), {})
     result = TrainResult(
-        model_dir=str(model_dir),
-        best_model_path=str(model_dir / BEST_MODEL),
+        model_dir=model_dir,
+        best_model_path=_join(model_dir, BEST_MODEL),
         best_epoch=best_epoch,
         best_metrics={k: v for k, v in best_row.items() if k.startswith("val_")},
         history=history,
@@ -573,8 +848,8 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
             steps_per_epoch=steps_per_epoch,
             num_train_examples=num_train,
         )
-        (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        shutil.rmtree(model_dir / BACKUP_DIR, ignore_errors=True)
-    if write_dir != model_dir:
-        shutil.rmtree(write_dir, ignore_errors=True)
+        _write_text(_join(model_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
+        _remove(_join(model_dir, BACKUP_DIR))
+    else:
+        distribute.remove_worker_dir(model_dir, write_dir)
     return result

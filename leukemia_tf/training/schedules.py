@@ -57,9 +57,7 @@ class TwoStageWarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         stage1 = self._stage(step, s1, self.peak_lr)
         # Without a frozen stage the whole run is "stage 2" at the full peak.
         factor = self.stage2_factor if self.stage1_steps > 0 else 1.0
-        stage2 = self._stage(
-            step - s1, self.total_steps - self.stage1_steps, self.peak_lr * factor
-        )
+        stage2 = self._stage(step - s1, self.total_steps - self.stage1_steps, self.peak_lr * factor)
         return tf.where(step < s1, stage1, stage2)
 
     def get_config(self):

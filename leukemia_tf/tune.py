@@ -1,0 +1,57 @@
+r"""Searches hyperparameters and architectures: ``python -m leukemia_tf.tune --flagfile=...``.
+
+Every training flag of ``leukemia_tf.train`` (less ``--model_dir``,
+``--overwrite`` and ``--monitor``) sets the base configuration of every
+trial; the search flags (``--helpfull`` lists them) set the tuner, the
+objective, ``--tune_dir`` and the search space. A training flag given
+explicitly (``--learning_rate=1e-3``) fixes that hyperparameter; its search
+flag (``--learning_rate_range=1e-4,3e-3``) searches it. ``--epochs`` is the
+length of one full trial (Hyperband's maximum budget). See
+:mod:`leukemia_tf.tuning.tune_lib` for what ``--tune_dir`` holds.
+
+Examples::
+
+  python -m leukemia_tf.tune --flagfile=configs/tune_smoke.flags
+  python -m leukemia_tf.tune --flagfile=configs/tune.flags
+  # continue an interrupted search, then retrain the best on train+validation and export it:
+  python -m leukemia_tf.tune --flagfile=runs/tune/flags.txt --resume --retrain_best
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from leukemia_tf.tuning import search_space
+
+search_space.define_all_flags()
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from leukemia_tf.training.config import ConfigError
+
+    try:
+        base = search_space.base_config_from_flags(flags.FLAGS)
+        search = search_space.SearchConfig.from_flags(flags.FLAGS)
+        search_space.check_search(search, base)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from e
+
+    from leukemia_tf.tuning import tune_lib  # heavy imports after flag parsing
+
+    try:
+        result = tune_lib.run_search(base, search)
+    except (tune_lib.TuneDirError, tune_lib.SearchError) as e:
+        # A clear message naming the flag or the directory; no traceback needed.
+        raise SystemExit(f"tune: {e}") from e
+    if result.role == "worker":
+        print("Worker finished: the chief writes the results.")
+        return
+    print(tune_lib.summary_text(result, search))
+
+
+if __name__ == "__main__":
+    app.run(main)

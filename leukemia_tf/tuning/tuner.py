@@ -1,0 +1,492 @@
+"""KerasTuner glue: a HyperModel over the training config and a Tuner that trains
+every trial with the package's own training engine.
+
+Why a ``Tuner`` subclass with its own ``run_trial`` (KerasTuner's documented
+route for custom training loops) rather than ``HyperModel.fit``: the engine
+(:func:`leukemia_tf.training.engine.train`) is a ``strategy.run`` loop, not
+``Model.fit``; it builds the model, the input pipeline, the augmentation, the
+precision policy and the strategy from a ``TrainConfig``, so a trial is just
+``engine.train(trial_config)``.
+
+Hyperband's epoch budgets are real: every trial of a search trains on the
+same learning-rate schedule (``--epochs`` long) and is stopped after the
+``tuner/epochs`` epochs Hyperband gives it. A trial of a later round starts
+from a copy of the run it continues (``tuner/trial_id``): the engine resumes
+from that run's last checkpoint (``backup/``, with optimizer and schedule
+state) at ``tuner/initial_epoch``, exactly as if it had never stopped.
+
+Every epoch's validation metrics are returned to the oracle (as a Keras
+``History``): it scores the trial by the best epoch of the objective and
+records that epoch as the trial's ``best_step``.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import keras
+import keras_tuner
+import tensorflow as tf
+
+from leukemia_tf.training.config import ConfigError, TrainConfig
+from leukemia_tf.tuning import search_space
+
+#: Subdirectories of --tune_dir.
+TRIALS_DIR = "trials"  # one training model_dir per trial (the TensorBoard logdir)
+PROJECT_NAME = "keras_tuner"  # KerasTuner's own state (oracle, trial.json files)
+#: Written into every trial's model_dir: who ran it, how it ended and why.
+TRIAL_INFO = "trial_info.json"
+
+#: Per-epoch keys of the engine's history.csv reported to the oracle.
+_NOT_METRICS = ("epoch", "lr", "epoch_time_s")
+
+#: ``callback(trial_id, epoch, logs)`` after each epoch of each trial (tests
+#: use it to interrupt a search).
+TrialEpochCallback = Callable[[str, int, dict], None]
+
+#: TensorBoard HParams metrics: (tag, run group under the trial's logs/, display name).
+HPARAMS_METRICS = (
+    ("macro_f1", "validation", "val_macro_f1"),
+    ("accuracy", "validation", "val_accuracy"),
+    ("balanced_accuracy", "validation", "val_balanced_accuracy"),
+    ("loss", "validation", "val_loss"),
+    ("loss", "train", "train_loss"),
+    ("accuracy", "train", "train_accuracy"),
+)
+
+
+class _EpochBudgetReached(Exception):
+    """Raised from the engine's epoch callback to stop a trial at its Hyperband budget."""
+
+
+# --------------------------------------------------------------------- memory
+def _gradient_registry() -> dict | None:
+    from tensorflow.python.framework import ops  # private: see release_trial_memory
+
+    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    return registry if isinstance(registry, dict) else None
+
+
+def gradient_registry_snapshot() -> frozenset:
+    """Names in TensorFlow's global gradient registry (see :func:`release_trial_memory`)."""
+    registry = _gradient_registry()
+    return frozenset(registry) if registry is not None else frozenset()
+
+
+def release_trial_memory(snapshot: frozenset) -> None:
+    """Frees what a finished trial left behind, so memory does not grow trial after trial.
+
+    ``keras.backend.clear_session()`` and ``gc.collect()`` are not enough:
+    every trace of a training step registers a gradient function for each
+    ``tf.custom_gradient`` it calls (``ReplicaContext.all_reduce`` inside
+    Keras's optimizer is one) in TensorFlow's global gradient registry, which
+    is never pruned, and that function keeps the whole traced graph alive
+    (measured: +45 MB of RSS per tiny cnn_tiny trial, far more for real
+    backbones). The entries a trial added are dropped here: they are only
+    used while that trial's graphs are traced.
+
+    Args:
+      snapshot: :func:`gradient_registry_snapshot` taken before the trial.
+    """
+    registry = _gradient_registry()
+    if registry is not None:
+        for name in [n for n in registry if n not in snapshot]:
+            if name.startswith("CustomGradient-"):
+                del registry[name]
+    keras.backend.clear_session()
+    gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """Hands freed heap memory back to the OS (glibc), so RSS reflects what is in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
+def rss_mb() -> float | None:
+    """Resident memory of this process in MiB (None where psutil is missing)."""
+    try:
+        import psutil  # installed with tensorflow-datasets
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# ----------------------------------------------------------------- files
+def _write_json(path: str, data: Mapping) -> None:
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_json(path: str) -> dict | None:
+    """Reads a JSON file, or returns None when it does not exist."""
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.loads(f.read())
+
+
+def read_history(model_dir: str) -> list[dict]:
+    """The rows of a training run's ``history.csv`` (empty if none)."""
+    from leukemia_tf.training import engine
+
+    path = os.path.join(model_dir, engine.HISTORY_CSV)
+    if not tf.io.gfile.exists(path):
+        return []
+    with tf.io.gfile.GFile(path) as f:
+        rows = list(csv.DictReader(f))
+    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in rows]
+
+
+def _copy_run(src: str, dst: str) -> None:
+    """Copies a training run's model_dir (local or gs://) to a new one, atomically.
+
+    The source's trial bookkeeping and its HParams session summary (the event
+    files directly in ``logs/``) stay behind: the copy is a new trial.
+    """
+    tmp = dst.rstrip("/") + ".copying"
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    src_logs = os.path.join(src, "logs")
+    for root, _, files in tf.io.gfile.walk(src):
+        rel = os.path.relpath(root, src)
+        target = tmp if rel == "." else os.path.join(tmp, rel)
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            if root == src and name == TRIAL_INFO:
+                continue
+            if os.path.normpath(root) == os.path.normpath(src_logs):
+                continue
+            tf.io.gfile.copy(os.path.join(root, name), os.path.join(target, name), overwrite=True)
+    if tf.io.gfile.exists(dst):
+        # Left by an earlier attempt of this trial that failed before training.
+        tf.io.gfile.rmtree(dst)
+    tf.io.gfile.rename(tmp, dst, overwrite=True)
+
+
+def failure_reason(error: BaseException) -> str | None:
+    """A one-line reason for a trial failure the search should record and go past.
+
+    Returns None for unexpected errors (KerasTuner then retries the trial up to
+    --max_retries_per_trial times and records the traceback).
+    """
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, FloatingPointError):
+        return f"NaN loss: {first_line}"
+    if isinstance(error, (tf.errors.ResourceExhaustedError, MemoryError)):
+        return f"out of memory: {first_line or type(error).__name__}"
+    if isinstance(error, (ConfigError, ValueError)):
+        return f"invalid configuration: {first_line}"
+    return None
+
+
+# ------------------------------------------------------------- hypermodel
+class LeukemiaHyperModel(keras_tuner.HyperModel):
+    """The search space over :class:`TrainConfig`, as a KerasTuner ``HyperModel``.
+
+    ``build(hp)`` returns the Keras classifier of a configuration (built by
+    the same ``build_classifier`` the engine uses); the tuner itself trains
+    through the engine, which builds that model from :meth:`trial_config`.
+
+    Args:
+      base: the base training config of every trial.
+      space: the resolved hyperparameters (:func:`search_space.resolve_space`).
+      objective: the search objective (every trial's ``monitor``).
+    """
+
+    def __init__(
+        self,
+        base: TrainConfig,
+        space: Sequence[search_space.Hyperparameter],
+        objective: str,
+    ):
+        super().__init__(name="leukemia_tf")
+        self.base = base
+        self.space = list(space)
+        self.objective = objective
+
+    def declare_hyperparameters(self, hp: keras_tuner.HyperParameters) -> None:
+        for param in self.space:
+            param.declare(hp)
+
+    def trial_config(self, values: Mapping[str, object], model_dir: str) -> TrainConfig:
+        """The training config of the hyperparameter ``values`` (not validated)."""
+        return search_space.trial_config(self.base, values, model_dir, self.objective)
+
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        from leukemia_tf.data import pipeline
+        from leukemia_tf.models import classifier
+        from leukemia_tf.models.label_space import LabelSpace
+        from leukemia_tf.taxonomy import Taxonomy
+
+        self.declare_hyperparameters(hp)
+        config = self.trial_config(hp.values, model_dir="unused")
+        search_space.check_combination(config)
+        taxonomy = (
+            Taxonomy.load(config.taxonomy or None)
+            if config.label_mode == "taxonomy" or config.head == "hierarchical"
+            else None
+        )
+        specs = pipeline.parse_datasets(config.datasets)
+        class_names = pipeline.dataset_class_names(
+            specs, config.data_dir or None, config.label_mode, taxonomy
+        )
+        labels = LabelSpace(class_names, config.head, taxonomy)
+        return classifier.build_classifier(
+            backbone=config.backbone,
+            head=config.head,
+            num_classes=labels.num_classes if config.head == "flat" else None,
+            taxonomy=taxonomy,
+            image_size=config.image_size,
+            weights=config.weights,
+            dropout=config.dropout,
+            hidden_units=config.hidden_units,
+            bn_momentum=config.bn_momentum or None,
+            drop_path_rate=config.drop_path_rate,
+        )
+
+
+def hparams_domains(space: Sequence[search_space.Hyperparameter]) -> list:
+    """TensorBoard ``HParam`` objects (with their domains) of the search space."""
+    from tensorboard.plugins.hparams import api as hparams_api
+
+    out = []
+    for param in space:
+        if param.kind == "range":
+            domain = hparams_api.RealInterval(float(param.values[0]), float(param.values[1]))
+        else:
+            domain = hparams_api.Discrete(list(param.values))
+        out.append(hparams_api.HParam(param.name, domain))
+    return out
+
+
+def write_hparams_config(logdir: str, space: Sequence[search_space.Hyperparameter]) -> None:
+    """Writes the HParams experiment summary (hyperparameters and metrics) into ``logdir``."""
+    from tensorboard.plugins.hparams import api as hparams_api
+
+    metrics = [
+        hparams_api.Metric(tag, group=group, display_name=name)
+        for tag, group, name in HPARAMS_METRICS
+    ]
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        hparams_api.hparams_config(hparams=hparams_domains(space), metrics=metrics)
+    writer.close()
+
+
+# ------------------------------------------------------------------ tuner
+class EngineTuner(keras_tuner.Tuner):
+    """A KerasTuner ``Tuner`` whose trials are runs of the training engine.
+
+    Args:
+      oracle: a KerasTuner oracle (Hyperband, Bayesian optimisation, random).
+      hypermodel: the :class:`LeukemiaHyperModel`.
+      trials_dir: where every trial's model_dir goes (``<tune_dir>/trials``).
+      epoch_callbacks: ``callback(trial_id, epoch, logs)`` after every epoch.
+      **kwargs: ``keras_tuner.Tuner`` arguments (``directory``, ``project_name``).
+    """
+
+    def __init__(
+        self,
+        oracle: keras_tuner.Oracle,
+        hypermodel: LeukemiaHyperModel,
+        *,
+        trials_dir: str,
+        epoch_callbacks: Sequence[TrialEpochCallback] = (),
+        **kwargs,
+    ):
+        self.trials_dir = trials_dir
+        self.epoch_callbacks = list(epoch_callbacks)
+        # KerasTuner's own `overwrite` would delete a previous search silently:
+        # run_search refuses or resumes explicitly instead.
+        super().__init__(oracle=oracle, hypermodel=hypermodel, overwrite=False, **kwargs)
+
+    def _populate_initial_space(self) -> None:
+        # The base class builds the model repeatedly to discover conditional
+        # hyperparameters; this space has none, and building an EfficientNet
+        # just to list the space would be slow.
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+    def trial_dir(self, trial_id: str) -> str:
+        """The model_dir of a trial."""
+        return os.path.join(self.trials_dir, str(trial_id))
+
+    # ------------------------------------------------------------- one trial
+    def run_trial(self, trial, *args, **kwargs) -> keras.callbacks.History:
+        """Trains one trial with the engine; returns its per-epoch metrics.
+
+        Raises:
+          keras_tuner.errors.FailedTrialError: an invalid combination, a NaN
+            loss or out of memory (recorded as failed, never retried).
+        """
+        values = dict(trial.hyperparameters.values)
+        model_dir = self.trial_dir(trial.trial_id)
+        config = self.hypermodel.trial_config(values, model_dir)
+        target = int(values.get("tuner/epochs", config.epochs))
+        past = values.get("tuner/trial_id")
+        info = {
+            "trial_id": trial.trial_id,
+            "status": "interrupted",
+            "reason": "",
+            "tuner_id": self.tuner_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "continued_from": past,
+            "initial_epoch": int(values.get("tuner/initial_epoch", 0)),
+            "target_epochs": target,
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        start = time.time()
+        snapshot = gradient_registry_snapshot()
+        policy = keras.mixed_precision.global_policy()
+        try:
+            try:
+                search_space.check_combination(config)
+            except (ConfigError, ValueError) as e:
+                raise keras_tuner.errors.FailedTrialError(f"invalid configuration: {e}") from e
+            history = self._train(trial, config, target, past, info)
+            info["status"] = "completed"
+            return history
+        except keras_tuner.errors.FailedTrialError as e:
+            info.update(status="failed", reason=str(e))
+            raise
+        except Exception as e:
+            reason = failure_reason(e)
+            info.update(status="failed", reason=reason or f"{type(e).__name__}: {e}")
+            if reason is not None:
+                raise keras_tuner.errors.FailedTrialError(reason) from e
+            raise
+        finally:
+            # The engine sets the global precision policy for its run.
+            keras.mixed_precision.set_global_policy(policy)
+            release_trial_memory(snapshot)
+            info["wall_time_s"] = round(time.time() - start, 2)
+            rss = rss_mb()
+            info["rss_mb"] = None if rss is None else round(rss, 1)
+            tf.io.gfile.makedirs(model_dir)
+            _write_json(os.path.join(model_dir, TRIAL_INFO), info)
+            if info["status"] == "failed":
+                print(f"Trial {trial.trial_id} failed: {info['reason']}")
+
+    def _train(
+        self, trial, config: TrainConfig, target: int, past: str | None, info: dict
+    ) -> keras.callbacks.History:
+        from leukemia_tf.training import engine
+
+        model_dir = config.model_dir
+        if past is not None and not tf.io.gfile.exists(os.path.join(model_dir, "config.json")):
+            # A later Hyperband round: continue the earlier trial's run.
+            _copy_run(self.trial_dir(past), model_dir)
+        tf.io.gfile.makedirs(model_dir)
+        _write_json(os.path.join(model_dir, TRIAL_INFO), info)
+        self._write_hparams(trial, model_dir)
+
+        finished = tf.io.gfile.exists(os.path.join(model_dir, engine.SUMMARY))
+        if not finished and len(read_history(model_dir)) < target:
+            stop_early = target < config.epochs
+
+            def on_epoch_end(epoch: int, logs: dict) -> None:
+                for callback in self.epoch_callbacks:
+                    callback(trial.trial_id, epoch, logs)
+                self.on_epoch_end(trial, None, epoch, logs=logs)
+                if stop_early and epoch + 1 >= target:
+                    raise _EpochBudgetReached
+
+            try:
+                engine.train(config, callbacks=[on_epoch_end])
+            except _EpochBudgetReached:
+                pass
+
+        rows = [r for r in read_history(model_dir) if r["epoch"] < target]
+        if not rows:
+            raise RuntimeError(f"trial {trial.trial_id}: no epoch finished in {model_dir}")
+        objective = self.oracle.objective.name
+        if all(math.isnan(r.get(objective, float("nan"))) for r in rows):
+            raise keras_tuner.errors.FailedTrialError(
+                f"the objective {objective} is NaN in every epoch"
+            )
+        info["epochs_trained"] = len(rows)
+        history = keras.callbacks.History()
+        # Index i of every list is epoch i: the oracle's best_step is the epoch.
+        history.history = {
+            key: [row[key] for row in rows] for key in rows[0] if key not in _NOT_METRICS
+        }
+        return history
+
+    def _write_hparams(self, trial, model_dir: str) -> None:
+        from tensorboard.plugins.hparams import api as hparams_api
+
+        logdir = os.path.join(model_dir, "logs")
+        if tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*")):
+            return  # a retried or resumed trial: its session is already there
+        space = self.hypermodel.space
+        values = trial.hyperparameters.values
+        hparams = {
+            hp: values[param.name]
+            for hp, param in zip(hparams_domains(space), space, strict=True)
+            if param.name in values
+        }
+        writer = tf.summary.create_file_writer(logdir)
+        with writer.as_default():
+            hparams_api.hparams(hparams, trial_id=str(trial.trial_id))
+        writer.close()
+
+    # ------------------------------------------------------------- models
+    def load_model(self, trial) -> keras.Model:
+        """The best checkpoint (``best.keras``) of a trial."""
+        from leukemia_tf.training import engine
+
+        return keras.saving.load_model(
+            os.path.join(self.trial_dir(trial.trial_id), engine.BEST_MODEL), compile=False
+        )
+
+    def save_model(self, trial_id, model, step=0) -> None:
+        # The engine saves best.keras and last.keras itself.
+        pass
+
+
+def make_oracle(search: search_space.SearchConfig, epochs: int) -> keras_tuner.Oracle:
+    """The oracle of ``--tuner`` with the objective, budget and failure limits.
+
+    Args:
+      search: the search flags.
+      epochs: epochs of one full trial (Hyperband's ``max_epochs``).
+    """
+    objective = keras_tuner.Objective(
+        search.objective, direction=search_space.OBJECTIVES[search.objective]
+    )
+    common = dict(
+        objective=objective,
+        seed=search.search_seed,
+        max_retries_per_trial=search.max_retries_per_trial,
+        max_consecutive_failed_trials=search.max_consecutive_failed_trials,
+    )
+    if search.tuner == "hyperband":
+        oracle = keras_tuner.oracles.HyperbandOracle(
+            max_epochs=epochs,
+            factor=search.hyperband_factor,
+            hyperband_iterations=search.hyperband_iterations,
+            **common,
+        )
+        if search.max_trials:
+            oracle.max_trials = search.max_trials
+        return oracle
+    max_trials = search.max_trials or search_space.DEFAULT_MAX_TRIALS
+    if search.tuner == "bayesian":
+        return keras_tuner.oracles.BayesianOptimizationOracle(max_trials=max_trials, **common)
+    return keras_tuner.oracles.RandomSearchOracle(max_trials=max_trials, **common)
