@@ -17,9 +17,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from leukemia_tf.models import classifier
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.taxonomy import Taxonomy
+from leukemia_tf.training import model_factory
 from leukemia_tf.training.config import TrainConfig
 
 CALIBRATION_FILE = "calibration.json"
@@ -99,29 +99,14 @@ def load_trained_model(
     if not labels_path.is_file():
         raise FileNotFoundError(f"{labels_path} not found: is {model_dir} a leukemia_tf model_dir?")
     class_names = [line for line in labels_path.read_text().splitlines() if line]
-    taxonomy = (
-        Taxonomy.load(config.taxonomy or None)
-        if config.label_mode == "taxonomy" or config.head == "hierarchical"
-        else None
-    )
+    taxonomy = model_factory.taxonomy_for(config)
     loaded = keras.models.load_model(path)
     model = loaded
     if float32:
         previous = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy("float32")
         try:
-            model = classifier.build_classifier(
-                backbone=config.backbone,
-                head=config.head,
-                num_classes=len(class_names) if config.head == "flat" else None,
-                taxonomy=taxonomy,
-                image_size=config.image_size,
-                weights="none",
-                dropout=config.dropout,
-                hidden_units=config.hidden_units,
-                bn_momentum=config.bn_momentum or None,
-                drop_path_rate=config.drop_path_rate,
-            )
+            model = model_factory.build_model(config, len(class_names), taxonomy, weights="none")
             model.set_weights(loaded.get_weights())
         finally:
             keras.mixed_precision.set_global_policy(previous)

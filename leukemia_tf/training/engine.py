@@ -52,7 +52,7 @@ from leukemia_tf.data import pipeline
 from leukemia_tf.models import augment, classifier
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.taxonomy import Taxonomy
-from leukemia_tf.training import distribute, schedules
+from leukemia_tf.training import distribute, model_factory, schedules
 from leukemia_tf.training.config import ConfigError, TrainConfig
 
 #: Files a training run writes into model_dir.
@@ -465,11 +465,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
     write_dir = distribute.worker_dir(model_dir, strategy)
     tf.io.gfile.makedirs(write_dir)
 
-    taxonomy = (
-        Taxonomy.load(config.taxonomy or None)
-        if config.label_mode == "taxonomy" or config.head == "hierarchical"
-        else None
-    )
+    taxonomy = model_factory.taxonomy_for(config)
     specs = pipeline.parse_datasets(config.datasets)
     data_dir = config.data_dir or None
     if chief:
@@ -521,18 +517,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
     total_steps = steps_per_epoch * config.epochs
     stage1_steps = steps_per_epoch * config.freeze_epochs
     with strategy.scope():
-        model = classifier.build_classifier(
-            backbone=config.backbone,
-            head=config.head,
-            num_classes=space.num_classes if config.head == "flat" else None,
-            taxonomy=taxonomy,
-            image_size=config.image_size,
-            weights=config.weights,
-            dropout=config.dropout,
-            hidden_units=config.hidden_units,
-            bn_momentum=config.bn_momentum or None,
-            drop_path_rate=config.drop_path_rate,
-        )
+        model = model_factory.build_model(config, space.num_classes, taxonomy)
         augmenter = (
             augment.build_augmenter(
                 config.image_size,

@@ -36,6 +36,7 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
+from leukemia_tf.training import model_factory
 from leukemia_tf.training.config import ConfigError, TrainConfig
 from leukemia_tf.tuning import search_space
 
@@ -228,35 +229,18 @@ class LeukemiaHyperModel(keras_tuner.HyperModel):
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         from leukemia_tf.data import pipeline
-        from leukemia_tf.models import classifier
         from leukemia_tf.models.label_space import LabelSpace
-        from leukemia_tf.taxonomy import Taxonomy
 
         self.declare_hyperparameters(hp)
         config = self.trial_config(hp.values, model_dir="unused")
         search_space.check_combination(config)
-        taxonomy = (
-            Taxonomy.load(config.taxonomy or None)
-            if config.label_mode == "taxonomy" or config.head == "hierarchical"
-            else None
-        )
+        taxonomy = model_factory.taxonomy_for(config)
         specs = pipeline.parse_datasets(config.datasets)
         class_names = pipeline.dataset_class_names(
             specs, config.data_dir or None, config.label_mode, taxonomy
         )
         labels = LabelSpace(class_names, config.head, taxonomy)
-        return classifier.build_classifier(
-            backbone=config.backbone,
-            head=config.head,
-            num_classes=labels.num_classes if config.head == "flat" else None,
-            taxonomy=taxonomy,
-            image_size=config.image_size,
-            weights=config.weights,
-            dropout=config.dropout,
-            hidden_units=config.hidden_units,
-            bn_momentum=config.bn_momentum or None,
-            drop_path_rate=config.drop_path_rate,
-        )
+        return model_factory.build_model(config, labels.num_classes, taxonomy)
 
 
 def hparams_domains(space: Sequence[search_space.Hyperparameter]) -> list:
