@@ -54,10 +54,18 @@ def _fmt(value) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    model_dir = os.path.expanduser(_MODEL_DIR.value)
-    # Checked before the heavy imports, so a typo fails in a second.
-    if not os.path.isdir(model_dir):
-        sys.exit(f"error: --model_dir={_MODEL_DIR.value!r} does not exist")
+    given = _MODEL_DIR.value
+    # A local typo fails in a second, before TensorFlow is imported.
+    if "://" not in given and not os.path.isdir(os.path.expanduser(given)):
+        sys.exit(f"error: --model_dir={given!r} does not exist")
+
+    from leukemia_tf.training import artifacts
+
+    # Checked before the data and model are read (local or gs://).
+    try:
+        model_dir = artifacts.check_model_dir(_MODEL_DIR.value)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
 
     from leukemia_tf.evaluation import evaluate_lib
 

@@ -46,7 +46,6 @@ import glob
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -272,7 +271,7 @@ def predict(
     """Predicts every image of ``images`` and writes the CSV files.
 
     Args:
-      model_dir: a training run's output directory.
+      model_dir: a training run's output directory (local or ``gs://``).
       images: a folder, a glob or a CSV file (see the module docstring).
       output: the cell-level CSV; the errors and group CSVs go next to it
         (``<stem>_errors.csv``, ``<stem>_slides.csv``, ``<stem>_patients.csv``).
@@ -297,12 +296,9 @@ def predict(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch_size={batch_size!r}: must be a positive integer")
     items, group_columns = collect_inputs(images, path_column, slide_column, patient_column)
-    model_dir = Path(os.path.expanduser(os.fspath(model_dir)))
-    if apply_temperature and not (model_dir / artifacts.CALIBRATION_FILE).is_file():
-        raise FileNotFoundError(
-            f"--apply_temperature: {model_dir / artifacts.CALIBRATION_FILE} not found; run "
-            f"python -m leukemia_tf.evaluate --model_dir={model_dir} first, or leave it out"
-        )
+    model_dir = artifacts.check_model_dir(model_dir)
+    if apply_temperature:
+        artifacts.check_calibration(model_dir)
     trained = artifacts.load_trained_model(model_dir, which=which, float32=True)
     temperature = trained.temperature if apply_temperature else 1.0
     label_space = trained.label_space

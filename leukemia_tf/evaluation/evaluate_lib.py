@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -500,12 +501,16 @@ def _jsonable(value):
 
 
 # ------------------------------------------------------------------- main
-def default_out_dir(model_dir: str | os.PathLike, split: str, which: str = "best") -> Path:
-    """``model_dir/eval_<split>`` (``eval_<split>_<which>`` for another checkpoint)."""
+def default_out_dir(model_dir: str | os.PathLike, split: str, which: str = "best") -> str:
+    """``model_dir/eval_<split>`` (``eval_<split>_<which>`` for another checkpoint).
+
+    A string: ``model_dir`` may be a URL (``gs://``), which pathlib mangles.
+    """
     name = f"eval_{_safe(split)}"
     if which != "best":
-        name += f"_{_safe(Path(which).stem)}"
-    return Path(model_dir) / name
+        stem = artifacts.basename(which)
+        name += f"_{_safe(stem.removesuffix('.keras'))}"
+    return artifacts.join(model_dir, name)
 
 
 def evaluate(
@@ -523,10 +528,12 @@ def evaluate(
     """Evaluates a trained model on one split and writes the report.
 
     Args:
-      model_dir: a finished training run's directory.
+      model_dir: a finished training run's directory (local or ``gs://``).
       split: the TFDS split to evaluate (``"test"``, ``"validation"``, ``"test[:50%]"``).
       data_dir: TFDS data directory; default: the one the model was trained with.
-      out_dir: where to write; default :func:`default_out_dir`.
+      out_dir: where to write; default :func:`default_out_dir`. A remote one
+        (``gs://``) is written into a local temporary folder first and then
+        copied there.
       bootstrap: bootstrap replicates of the confidence intervals (0: none).
       seed: seed of the bootstrap and of the explained-example sample.
       explain_samples: explained examples per class and per correct / wrong
@@ -547,15 +554,57 @@ def evaluate(
         classes differ from the model's.
     """
     start = time.time()
-    model_dir = Path(os.path.expanduser(str(model_dir)))
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model_dir={str(model_dir)!r} does not exist")
+    model_dir = artifacts.check_model_dir(model_dir)
     if bootstrap < 0:
         raise ValueError(f"--bootstrap={bootstrap} must be >= 0")
     if explain_samples < 0:
         raise ValueError(f"--explain_samples={explain_samples} must be >= 0")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    target = os.fspath(out_dir) if out_dir else default_out_dir(model_dir, split, which)
+    options = dict(
+        split=split,
+        data_dir=data_dir,
+        bootstrap=bootstrap,
+        seed=seed,
+        explain_samples=explain_samples,
+        batch_size=batch_size,
+        which=which,
+        fit_temperature=fit_temperature,
+        start=start,
+    )
+    if not artifacts.is_remote(target):
+        return _evaluate(model_dir, Path(target), **options)
+    # matplotlib and the report writer write local files: stage them, then copy up.
+    with tempfile.TemporaryDirectory(prefix="leukemia_tf_eval_") as staging:
+        result = _evaluate(model_dir, Path(staging), **options)
+        explanations = artifacts.join(target, "explanations")
+        if os.path.isdir(os.path.join(staging, "explanations")) and tf.io.gfile.isdir(explanations):
+            tf.io.gfile.rmtree(explanations)  # an earlier evaluation's maps
+        artifacts.copy_tree(staging, target)
+    result.update(
+        out_dir=target,
+        metrics_path=artifacts.join(target, METRICS_FILE),
+        report_path=artifacts.join(target, REPORT_FILE),
+    )
+    return result
+
+
+def _evaluate(
+    model_dir: str,
+    out_dir: Path,
+    *,
+    split: str,
+    data_dir: str | None,
+    bootstrap: int,
+    seed: int,
+    explain_samples: int,
+    batch_size: int,
+    which: str,
+    fit_temperature: bool,
+    start: float,
+) -> dict:
+    """:func:`evaluate` into the local folder ``out_dir``."""
     trained = artifacts.load_trained_model(model_dir, which=which)
     config = trained.config
     data_dir = data_dir or config.data_dir or None
@@ -569,9 +618,9 @@ def evaluate(
         raise ValueError(
             f"the data ({config.datasets} in {data_dir or 'the TFDS default data_dir'}) have "
             f"classes {data_classes}, but the model in {model_dir} predicts {class_names} "
-            f"({model_dir / artifacts.LABELS_FILE}): evaluate it on the data it was trained for"
+            f"({artifacts.join(model_dir, artifacts.LABELS_FILE)}): evaluate it on the data it "
+            "was trained for"
         )
-    out_dir = Path(out_dir) if out_dir else default_out_dir(model_dir, split, which)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(class_names)
 

@@ -90,13 +90,18 @@ def _image(lines: list[str], figures: dict, key: str, alt: str) -> None:
         lines += [f"![{alt}]({figures[key]})", ""]
 
 
+def _basename(path: str) -> str:
+    # Not pathlib: the model_dir may be a URL (gs://bucket/run).
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def render(result: dict) -> str:
     """The report's Markdown text from an evaluation result (``metrics.json``)."""
     model, data, cell = result["model"], result["data"], result["cell"]
     cal, figures = result["calibration"], result["figures"]
     names = model["class_names"]
     lines = [
-        f"# Evaluation report: {Path(model['model_dir']).name} on `{data['datasets']}` "
+        f"# Evaluation report: {_basename(model['model_dir'])} on `{data['datasets']}` "
         f"[{data['split']}]",
         "",
     ]

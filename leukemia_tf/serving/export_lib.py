@@ -70,10 +70,6 @@ class ExportResult:
     max_abs_difference: float | None  # export vs Keras model on the warmup images
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def existing_versions(export_dir: str | os.PathLike) -> list[int]:
     """The integer version folders already in ``export_dir`` (sorted)."""
     export_dir = os.fspath(export_dir)
@@ -91,15 +87,6 @@ def next_version(export_dir: str | os.PathLike) -> int:
     """One more than the largest version in ``export_dir`` (1 for a new folder)."""
     versions = existing_versions(export_dir)
     return versions[-1] + 1 if versions else 1
-
-
-def _check_temperature_available(model_dir: Path) -> None:
-    if not (model_dir / artifacts.CALIBRATION_FILE).is_file():
-        raise FileNotFoundError(
-            f"--apply_temperature: {model_dir / artifacts.CALIBRATION_FILE} not found; fit a "
-            f"temperature first (python -m leukemia_tf.evaluate --model_dir={model_dir}) or "
-            "export without --apply_temperature"
-        )
 
 
 def _stage_assets(trained: artifacts.TrainedModel, staging: Path, metadata: dict) -> dict[str, str]:
@@ -166,7 +153,8 @@ def export_model(
     """Exports ``model_dir``'s model to ``export_dir/<version>/``.
 
     Args:
-      model_dir: a finished training run (``leukemia_tf.train``'s output).
+      model_dir: a finished training run (``leukemia_tf.train``'s output; local
+        or ``gs://``).
       export_dir: TF Serving's model base path (local or ``gs://``).
       version: the version folder; default: one more than the largest there.
       which: ``"best"``, ``"last"`` or a ``.keras`` file.
@@ -190,9 +178,9 @@ def export_model(
       ValueError: a bad ``version``.
       ExportError: the reloaded export does not match the Keras model.
     """
-    model_dir = Path(os.path.expanduser(os.fspath(model_dir)))
+    model_dir = artifacts.check_model_dir(model_dir)
     export_dir = os.fspath(export_dir)
-    if not _is_remote(export_dir):
+    if not artifacts.is_remote(export_dir):
         export_dir = os.path.abspath(os.path.expanduser(export_dir))
     if version is None:
         version = next_version(export_dir)
@@ -205,7 +193,7 @@ def export_model(
             f"write version {next_version(export_dir)}"
         )
     if apply_temperature:
-        _check_temperature_available(model_dir)
+        artifacts.check_calibration(model_dir)
     if write_warmup:
         warmup.check_available()  # fail before the slow part
 
@@ -224,7 +212,7 @@ def export_model(
         "format_version": EXPORT_FORMAT_VERSION,
         "model_name": model_name,
         "version": version,
-        "source_model_dir": str(model_dir),
+        "source_model_dir": model_dir,
         "checkpoint": which,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tensorflow_version": tf.__version__,

@@ -4,6 +4,10 @@ A model_dir holds ``config.json`` (the resolved :class:`TrainConfig`),
 ``labels.txt`` (the class names, one per line), ``best.keras`` and
 ``last.keras``, and, after ``leukemia_tf.evaluate``, ``calibration.json``
 (``{"temperature": T}`` fitted on the validation split).
+
+The model_dir may be local or remote (``gs://``; TF's ``ram://`` in the
+tests): everything here reads and writes it through ``tf.io.gfile`` and joins
+paths as strings (:func:`join`), never with pathlib, which mangles URLs.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
+import tempfile
 
 import keras
 import numpy as np
@@ -30,7 +34,7 @@ LABELS_FILE = "labels.txt"
 class TrainedModel:
     """A trained model with everything needed to read its predictions."""
 
-    model_dir: Path
+    model_dir: str  # local path or URL (gs://)
     config: TrainConfig
     model: keras.Model
     label_space: LabelSpace
@@ -62,16 +66,124 @@ class TrainedModel:
         return self.label_space.probabilities(outputs, temperature).numpy()
 
 
+# ------------------------------------------------------- paths (local or remote)
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URL such as ``gs://bucket/run`` (or TF's in-process ``ram://``)."""
+    return "://" in os.fspath(path)
+
+
+def join(model_dir: str | os.PathLike, *names: str) -> str:
+    """``model_dir/name``: a plain string join for a URL, which pathlib would mangle."""
+    model_dir = os.fspath(model_dir)
+    if is_remote(model_dir):
+        return "/".join([model_dir.rstrip("/"), *names])
+    return os.path.join(model_dir, *names)
+
+
+def basename(path: str | os.PathLike) -> str:
+    """The last component of a local path or a URL (``gs://b/runs/x/`` -> ``x``)."""
+    return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> str:
+    """``model_dir`` as a string (``~`` expanded when local), if it exists.
+
+    Local or remote (``gs://``): read through ``tf.io.gfile``.
+
+    Raises:
+      FileNotFoundError: naming ``--model_dir=...`` when it does not exist.
+    """
+    given = os.fspath(model_dir)
+    path = given if is_remote(given) else os.path.expanduser(given)
+    if not tf.io.gfile.isdir(path):
+        raise FileNotFoundError(f"--model_dir={given!r} does not exist")
+    return path
+
+
+def calibration_path(model_dir: str | os.PathLike) -> str:
+    """Where :func:`write_temperature` stores the fitted temperature."""
+    return join(model_dir, CALIBRATION_FILE)
+
+
+def check_calibration(model_dir: str | os.PathLike) -> str:
+    """The calibration file's path, for ``--apply_temperature``.
+
+    Raises:
+      FileNotFoundError: no temperature fitted yet (``leukemia_tf.evaluate`` fits it).
+    """
+    path = calibration_path(model_dir)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"--apply_temperature: {path} not found; fit a temperature first "
+            f"(python -m leukemia_tf.evaluate --model_dir={os.fspath(model_dir)}) or leave "
+            "--apply_temperature out"
+        )
+    return path
+
+
+def _remove(path: str) -> None:
+    if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+    elif tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` to a local or remote file, replacing it."""
+    _remove(path)  # TF's ram:// appends on "w"
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(text)
+
+
+def read_text(path: str) -> str:
+    with tf.io.gfile.GFile(path) as f:
+        return f.read()
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the files below ``src`` into ``dst`` (either local or remote).
+
+    Files already in ``dst`` are replaced; others there are kept.
+
+    Returns:
+      The destination paths of the copied files.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    copied = []
+    for folder, _, files in tf.io.gfile.walk(src):
+        # walk() yields folders as ``src`` + the relative part.
+        parts = [p for p in folder[len(src) :].replace(os.sep, "/").split("/") if p]
+        target = join(dst, *parts)
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            out = join(target, name)
+            _remove(out)  # TF's ram:// appends to an existing file
+            tf.io.gfile.copy(join(folder, name), out, overwrite=True)
+            copied.append(out)
+    return copied
+
+
+# ------------------------------------------------------------- reading back
 def read_temperature(model_dir: str | os.PathLike) -> float:
-    path = Path(model_dir) / CALIBRATION_FILE
-    if not path.is_file():
+    path = calibration_path(model_dir)
+    if not tf.io.gfile.exists(path):
         return 1.0
-    return float(json.loads(path.read_text())["temperature"])
+    return float(json.loads(read_text(path))["temperature"])
 
 
 def write_temperature(model_dir: str | os.PathLike, temperature: float, **extra) -> None:
-    path = Path(model_dir) / CALIBRATION_FILE
-    path.write_text(json.dumps({"temperature": float(temperature), **extra}, indent=2) + "\n")
+    text = json.dumps({"temperature": float(temperature), **extra}, indent=2) + "\n"
+    write_text(calibration_path(model_dir), text)
+
+
+def _load_keras(path: str) -> keras.Model:
+    if not is_remote(path):
+        return keras.models.load_model(path)
+    # Keras reads local files: fetch a remote one into a temporary folder first.
+    with tempfile.TemporaryDirectory(prefix="leukemia_tf_model_") as tmp:
+        local = os.path.join(tmp, basename(path))
+        tf.io.gfile.copy(path, local, overwrite=True)
+        return keras.models.load_model(local)
 
 
 def load_trained_model(
@@ -80,7 +192,7 @@ def load_trained_model(
     """Loads a trained model from ``model_dir``.
 
     Args:
-      model_dir: the training run's output directory.
+      model_dir: the training run's output directory (local or ``gs://``).
       which: ``"best"`` or ``"last"``, or a path to a ``.keras`` file.
       float32: rebuild the model under the float32 policy (whatever precision
         it was trained in) and copy the weights: what evaluation and export use.
@@ -88,19 +200,20 @@ def load_trained_model(
     Raises:
       FileNotFoundError: ``model_dir`` is not a finished or checkpointed run.
     """
-    model_dir = Path(os.path.expanduser(str(model_dir)))
+    model_dir = check_model_dir(model_dir)
     config = TrainConfig.load(model_dir)
-    path = Path(which) if which.endswith(".keras") else model_dir / f"{which}.keras"
-    if not path.is_file():
+    which = os.fspath(which)
+    path = which if which.endswith(".keras") else join(model_dir, f"{which}.keras")
+    if not tf.io.gfile.exists(path):
         raise FileNotFoundError(
             f"{path} not found: train first (python -m leukemia_tf.train --model_dir={model_dir})"
         )
-    labels_path = model_dir / LABELS_FILE
-    if not labels_path.is_file():
+    labels_path = join(model_dir, LABELS_FILE)
+    if not tf.io.gfile.exists(labels_path):
         raise FileNotFoundError(f"{labels_path} not found: is {model_dir} a leukemia_tf model_dir?")
-    class_names = [line for line in labels_path.read_text().splitlines() if line]
+    class_names = [line for line in read_text(labels_path).splitlines() if line]
     taxonomy = model_factory.taxonomy_for(config)
-    loaded = keras.models.load_model(path)
+    loaded = _load_keras(path)
     model = loaded
     if float32:
         previous = keras.mixed_precision.global_policy()
