@@ -43,6 +43,12 @@ _EXPLAIN_SAMPLES = flags.DEFINE_integer(
     "Grad-CAM / attention maps drawn per class for correct and for wrong predictions (0: none).",
     lower_bound=0,
 )
+_TTA = flags.DEFINE_bool(
+    "tta",
+    False,
+    "Test-time augmentation: average the logits over the 8 rotations and mirrorings of each "
+    "cell (8x the inference time). The report goes to eval_<split>_tta.",
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Inference batch size.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap and of the explained examples.")
 
@@ -80,6 +86,7 @@ def main(argv: Sequence[str]) -> None:
             explain_samples=_EXPLAIN_SAMPLES.value,
             batch_size=_BATCH_SIZE.value,
             which=_WHICH.value,
+            tta=_TTA.value,
         )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

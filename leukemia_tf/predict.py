@@ -46,6 +46,12 @@ _APPLY_TEMPERATURE = flags.DEFINE_bool(
     False,
     "Divide the logits by the temperature fitted by leukemia_tf.evaluate (model_dir/calibration.json).",
 )
+_TTA = flags.DEFINE_bool(
+    "tta",
+    False,
+    "Test-time augmentation: average the logits over the 8 rotations and mirrorings of each "
+    "image (8x the inference time). The export serves the single view.",
+)
 _PATH_COLUMN = flags.DEFINE_string("path_column", "path", "CSV input: the column of image paths.")
 _SLIDE_COLUMN = flags.DEFINE_string(
     "slide_column",
@@ -90,6 +96,7 @@ def main(argv: Sequence[str]) -> int:
             patient_column=_explicit(_PATIENT_COLUMN),
             read_threads=_READ_THREADS.value,
             verbose=_VERBOSE.value,
+            tta=_TTA.value,
         )
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e), exitcode=2) from e

@@ -267,6 +267,7 @@ def predict(
     patient_column: str | None = None,
     read_threads: int = 8,
     verbose: int = 1,
+    tta: bool = False,
 ) -> PredictResult:
     """Predicts every image of ``images`` and writes the CSV files.
 
@@ -277,6 +278,8 @@ def predict(
         (``<stem>_errors.csv``, ``<stem>_slides.csv``, ``<stem>_patients.csv``).
       which: ``"best"``, ``"last"`` or a ``.keras`` file.
       batch_size: images per model call.
+      tta: test-time augmentation (mean logits over the 8 rotations and
+        mirrorings; ``TrainedModel.tta``).
       apply_temperature: divide the logits by the temperature stored in
         ``model_dir/calibration.json``.
       path_column: CSV input: the column with the image paths.
@@ -299,15 +302,14 @@ def predict(
     model_dir = artifacts.check_model_dir(model_dir)
     if apply_temperature:
         artifacts.check_calibration(model_dir)
-    trained = artifacts.load_trained_model(model_dir, which=which, float32=True)
+    trained = artifacts.load_trained_model(model_dir, which=which, float32=True, tta=tta)
     temperature = trained.temperature if apply_temperature else 1.0
     label_space = trained.label_space
     image_size = trained.image_size
-    model = trained.model
 
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
     def predict_batch(pixels):
-        outputs = model(tf.cast(pixels, tf.float32), training=False)
+        outputs = trained.forward(tf.cast(pixels, tf.float32))
         return signatures.postprocess(outputs, label_space, temperature)
 
     failures: dict[int, str] = {}

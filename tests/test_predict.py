@@ -59,9 +59,9 @@ def _read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _expected_probabilities(model_dir, paths) -> tuple[np.ndarray, list[str]]:
+def _expected_probabilities(model_dir, paths, tta=False) -> tuple[np.ndarray, list[str]]:
     """The Keras model on the files, read and resized as the input pipeline does."""
-    trained = artifacts.load_trained_model(model_dir)
+    trained = artifacts.load_trained_model(model_dir, tta=tta)
     pixels = np.stack(
         [
             preprocessing.decode_and_resize(images_lib.read_image(p)[0], trained.image_size).numpy()
@@ -104,6 +104,18 @@ def test_folder_predictions_and_errors(trained_flat_model_dir, image_folder, tmp
         name = Path(row["file"]).relative_to(image_folder).as_posix()
         assert BAD[name] in row["error"], row
     assert "FAILED: 3 image(s)" in predict_lib.summary(result)
+
+
+def test_tta_predictions(trained_flat_model_dir, image_folder, tmp_path):
+    output = tmp_path / "tta.csv"
+    predict_lib.predict(trained_flat_model_dir, str(image_folder), output, verbose=0, tta=True)
+    rows = _read_csv(output)
+    good = sorted(str(image_folder / name) for name in GOOD)
+    probs, class_names = _expected_probabilities(trained_flat_model_dir, good, tta=True)
+    got = np.array([[float(r[f"prob_{c}"]) for c in class_names] for r in rows])
+    np.testing.assert_allclose(got, probs, atol=2e-6)
+    single, _ = _expected_probabilities(trained_flat_model_dir, good)
+    assert not np.allclose(got, single, atol=1e-4)
 
 
 def test_csv_input_with_slides_hierarchical(trained_hierarchical_model_dir, image_folder, tmp_path):

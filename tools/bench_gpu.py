@@ -72,7 +72,7 @@ _CHILD = flags.DEFINE_string("child", "", "(internal) run one measurement from t
 
 
 # ------------------------------------------------------------------- one run
-def _memory_input_fn(real_input_fn):
+def memory_input_fn(real_input_fn):
     """Wraps the engine's input function: one real batch, repeated from host memory."""
     import tensorflow as tf
 
@@ -96,7 +96,7 @@ def _run_child(spec_path: str) -> None:
     from leukemia_tf.training.config import TrainConfig
 
     if spec["input"] == "memory":
-        engine.train_input_fn = _memory_input_fn(engine.train_input_fn)
+        engine.train_input_fn = memory_input_fn(engine.train_input_fn)
     config = TrainConfig(**spec["config"])
     result = engine.train(config)
     seconds = result.history[-1]["epoch_time_s"]

@@ -174,13 +174,12 @@ def predict_split(
         cache=False,
         deterministic=True,
     )
-    model = trained.model
     size = config.image_size
 
     # One trace for every batch size (the last batch is smaller).
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
     def forward(images):
-        return model(tf.cast(images, tf.float32), training=False)
+        return trained.forward(tf.cast(images, tf.float32))
 
     outputs: dict[str, list[np.ndarray]] = {}
     columns: dict[str, list[np.ndarray]] = {
@@ -283,7 +282,12 @@ def _calibration_section(
                     f"the temperature was fitted on the evaluated split {split!r} itself: its "
                     "calibrated figures are optimistic"
                 )
-            if which == "best":
+            if trained.tta:
+                notes.append(
+                    "temperature fitted on the test-time-augmented outputs is reported but not "
+                    "stored (calibration.json belongs to the single-view model that export serves)"
+                )
+            elif which == "best":
                 artifacts.write_temperature(
                     trained.model_dir,
                     temperature,
@@ -501,8 +505,10 @@ def _jsonable(value):
 
 
 # ------------------------------------------------------------------- main
-def default_out_dir(model_dir: str | os.PathLike, split: str, which: str = "best") -> str:
-    """``model_dir/eval_<split>`` (``eval_<split>_<which>`` for another checkpoint).
+def default_out_dir(
+    model_dir: str | os.PathLike, split: str, which: str = "best", tta: bool = False
+) -> str:
+    """``model_dir/eval_<split>`` (``_<which>`` added for another checkpoint, ``_tta`` with TTA).
 
     A string: ``model_dir`` may be a URL (``gs://``), which pathlib mangles.
     """
@@ -510,6 +516,8 @@ def default_out_dir(model_dir: str | os.PathLike, split: str, which: str = "best
     if which != "best":
         stem = artifacts.basename(which)
         name += f"_{_safe(stem.removesuffix('.keras'))}"
+    if tta:
+        name += "_tta"
     return artifacts.join(model_dir, name)
 
 
@@ -524,6 +532,7 @@ def evaluate(
     batch_size: int = 64,
     which: str = "best",
     fit_temperature: bool = True,
+    tta: bool = False,
 ) -> dict:
     """Evaluates a trained model on one split and writes the report.
 
@@ -542,6 +551,9 @@ def evaluate(
       which: checkpoint, ``"best"`` or ``"last"`` (or a ``.keras`` path).
       fit_temperature: fit the temperature on the validation split (and store
         it when ``which == "best"``); otherwise use the stored one.
+      tta: test-time augmentation, the mean logits of the 8 rotations and
+        mirrorings of each image (``TrainedModel.tta``); the report goes to
+        ``eval_<split>_tta`` by default and the temperature is not stored.
 
     Returns:
       The contents of ``metrics.json``, plus ``out_dir``, ``report_path`` and
@@ -561,7 +573,7 @@ def evaluate(
         raise ValueError(f"--explain_samples={explain_samples} must be >= 0")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    target = os.fspath(out_dir) if out_dir else default_out_dir(model_dir, split, which)
+    target = os.fspath(out_dir) if out_dir else default_out_dir(model_dir, split, which, tta)
     options = dict(
         split=split,
         data_dir=data_dir,
@@ -571,6 +583,7 @@ def evaluate(
         batch_size=batch_size,
         which=which,
         fit_temperature=fit_temperature,
+        tta=tta,
         start=start,
     )
     if not artifacts.is_remote(target):
@@ -602,10 +615,11 @@ def _evaluate(
     batch_size: int,
     which: str,
     fit_temperature: bool,
+    tta: bool,
     start: float,
 ) -> dict:
     """:func:`evaluate` into the local folder ``out_dir``."""
-    trained = artifacts.load_trained_model(model_dir, which=which)
+    trained = artifacts.load_trained_model(model_dir, which=which, tta=tta)
     config = trained.config
     data_dir = data_dir or config.data_dir or None
     specs = pipeline.parse_datasets(config.datasets)
@@ -777,6 +791,7 @@ def _evaluate(
         "model": {
             "model_dir": str(model_dir),
             "checkpoint": which,
+            "test_time_augmentation": "D4 (8 views, mean logits)" if tta else "none",
             "backbone": config.backbone,
             "head": config.head,
             "label_mode": config.label_mode,

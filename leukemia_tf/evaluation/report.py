@@ -113,6 +113,7 @@ def render(result: dict) -> str:
     rows = [
         ["Model directory", f"`{model['model_dir']}`"],
         ["Checkpoint", model["checkpoint"]],
+        ["Test-time augmentation", model.get("test_time_augmentation", "none")],
         ["Backbone / head", f"{model['backbone']} / {model['head']}"],
         ["Input size", f"{model['image_size']} px"],
         ["Classes", ", ".join(names)],

@@ -40,6 +40,10 @@ class TrainedModel:
     label_space: LabelSpace
     taxonomy: Taxonomy | None
     temperature: float
+    #: Test-time augmentation: average the logits over the 8 symmetries of the
+    #: square (:func:`d4_views`). A blood cell has no orientation, so every
+    #: view is as valid as the original; it costs 8x the inference time.
+    tta: bool = False
 
     @property
     def class_names(self) -> list[str]:
@@ -55,15 +59,43 @@ class TrainedModel:
         chunks = []
         for start in range(0, len(images), batch_size):
             batch = tf.cast(images[start : start + batch_size], tf.float32)
-            chunks.append({k: v.numpy() for k, v in self.model(batch, training=False).items()})
+            chunks.append({k: v.numpy() for k, v in self.forward(batch).items()})
         if not chunks:
             raise ValueError("no images given")
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def forward(self, pixels: tf.Tensor) -> dict:
+        """The model's outputs for float ``[B, S, S, 3]`` pixels (0-255), with TTA if set.
+
+        With :attr:`tta`, every output (the flat logits, or each level's
+        logits) is the mean over the 8 views of the same batch, run as one
+        ``[8B, S, S, 3]`` batch.
+        """
+        if not self.tta:
+            return self.model(pixels, training=False)
+        views = d4_views(pixels)
+        batch = tf.shape(pixels)[0]
+        outputs = self.model(tf.concat(views, axis=0), training=False)
+        return {
+            k: tf.reduce_mean(
+                tf.reshape(v, tf.concat([[len(views), batch], tf.shape(v)[1:]], 0)), 0
+            )
+            for k, v in outputs.items()
+        }
 
     def probabilities(self, outputs: dict, calibrated: bool = False) -> np.ndarray:
         """Class probabilities ``[N, C]`` from :meth:`outputs` (optionally temperature-scaled)."""
         temperature = self.temperature if calibrated else 1.0
         return self.label_space.probabilities(outputs, temperature).numpy()
+
+
+def d4_views(images: tf.Tensor) -> list[tf.Tensor]:
+    """The 8 symmetries of the square (4 rotations, each also mirrored) of ``[B, S, S, C]``."""
+    views = []
+    for flipped in (images, tf.reverse(images, axis=[2])):
+        for k in range(4):
+            views.append(tf.image.rot90(flipped, k=k))
+    return views
 
 
 # ------------------------------------------------------- paths (local or remote)
@@ -187,7 +219,7 @@ def _load_keras(path: str) -> keras.Model:
 
 
 def load_trained_model(
-    model_dir: str | os.PathLike, which: str = "best", float32: bool = True
+    model_dir: str | os.PathLike, which: str = "best", float32: bool = True, tta: bool = False
 ) -> TrainedModel:
     """Loads a trained model from ``model_dir``.
 
@@ -196,6 +228,7 @@ def load_trained_model(
       which: ``"best"`` or ``"last"``, or a path to a ``.keras`` file.
       float32: rebuild the model under the float32 policy (whatever precision
         it was trained in) and copy the weights: what evaluation and export use.
+      tta: predict with test-time augmentation (:attr:`TrainedModel.tta`).
 
     Raises:
       FileNotFoundError: ``model_dir`` is not a finished or checkpointed run.
@@ -230,4 +263,5 @@ def load_trained_model(
         label_space=LabelSpace(class_names, config.head, taxonomy),
         taxonomy=taxonomy,
         temperature=read_temperature(model_dir),
+        tta=tta,
     )
