@@ -72,22 +72,6 @@ _CHILD = flags.DEFINE_string("child", "", "(internal) run one measurement from t
 
 
 # ------------------------------------------------------------------- one run
-def memory_input_fn(real_input_fn):
-    """Wraps the engine's input function: one real batch, repeated from host memory."""
-    import tensorflow as tf
-
-    def make(config, specs, data_dir, taxonomy, image_dtype=tf.uint8):
-        real = real_input_fn(config, specs, data_dir, taxonomy, image_dtype)
-
-        def fn(ctx):
-            batch = next(iter(real(ctx)))
-            return tf.data.Dataset.from_tensors(batch).repeat()
-
-        return fn
-
-    return make
-
-
 def _run_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import tensorflow as tf
@@ -96,6 +80,8 @@ def _run_child(spec_path: str) -> None:
     from leukemia_tf.training.config import TrainConfig
 
     if spec["input"] == "memory":
+        from bench_common import memory_input_fn
+
         engine.train_input_fn = memory_input_fn(engine.train_input_fn)
     config = TrainConfig(**spec["config"])
     result = engine.train(config)

@@ -51,7 +51,7 @@ _CHILD = flags.DEFINE_string("child", "", "(internal) run one measurement from t
 def _run_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_gpu import memory_input_fn
+    from bench_common import memory_input_fn
 
     from leukemia_tf.data import pipeline
     from leukemia_tf.training import engine, model_factory
