@@ -762,9 +762,10 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
             "loss": float(totals[0] / totals[2]),
             "accuracy": float(totals[1] / totals[2]),
         }
+        # Validation and the saved models use the EMA weights (also without validation).
+        if config.ema:
+            _swap_ema_weights(optimizer)
         if val_ds is not None:
-            if config.ema:
-                _swap_ema_weights(optimizer)
             logs.update(evaluate())
         logs["epoch_time_s"] = time.time() - epoch_start
         value = logs.get(
@@ -779,7 +780,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         else:
             waited_var.assign_add(1)
         save_model(LAST_MODEL)
-        if val_ds is not None and config.ema:
+        if config.ema:
             _swap_ema_weights(optimizer)
         epoch_var.assign(epoch + 1)
         manager.save(checkpoint_number=epoch + 1)
