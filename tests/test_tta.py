@@ -1,4 +1,4 @@
-"""Test-time augmentation (D4: 4 rotations x mirroring) in evaluate and predict."""
+"""Test-time augmentation (D4: 4 rotations x mirroring) in evaluate and predict; calibration caveats."""
 
 from __future__ import annotations
 
@@ -64,3 +64,16 @@ def test_evaluate_with_tta_writes_its_own_report(tmp_path, trained_flat_model_di
     # The temperature of the TTA outputs is not stored over the served model's.
     assert not os.path.exists(calibration)
     assert "Test-time augmentation" in open(result["report_path"]).read()
+
+
+def test_temperature_fitted_on_training_data_is_not_stored(tmp_path, trained_flat_model_dir):
+    """A model trained on train+validation: its 'validation' temperature would be meaningless."""
+    model_dir = tmp_path / "run"
+    shutil.copytree(trained_flat_model_dir, model_dir)
+    (model_dir / artifacts.CALIBRATION_FILE).unlink(missing_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["train_split"] = "train+validation"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    result = evaluate_lib.evaluate(str(model_dir), split="test", bootstrap=0, explain_samples=0)
+    assert not (model_dir / artifacts.CALIBRATION_FILE).exists()
+    assert any("which the model was trained on" in note for note in result["caveats"])

@@ -282,7 +282,16 @@ def _calibration_section(
                     f"the temperature was fitted on the evaluated split {split!r} itself: its "
                     "calibrated figures are optimistic"
                 )
-            if trained.tta:
+            trained_on = {
+                part.split("[")[0].strip() for part in trained.config.train_split.split("+")
+            }
+            if val_split.split("[")[0].strip() in trained_on:
+                notes.append(
+                    f"the temperature was fitted on {val_split!r}, which the model was trained on "
+                    f"(--train_split={trained.config.train_split!r}): it is reported but not "
+                    "stored, and the calibrated figures mean little; fit it on held-out data"
+                )
+            elif trained.tta:
                 notes.append(
                     "temperature fitted on the test-time-augmented outputs is reported but not "
                     "stored (calibration.json belongs to the single-view model that export serves)"
