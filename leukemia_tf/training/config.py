@@ -410,17 +410,19 @@ def check_tpu_config(config: TrainConfig, strategy_or_num_replicas=None) -> list
     return warnings
 
 
-def _flag_type(field: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[field.name]
+def define_dataclass_flags(
+    cls: type, flag_values: flags.FlagValues = flags.FLAGS, skip: Sequence[str] = ()
+) -> None:
+    """Declares one absl flag per field of the config dataclass ``cls`` (idempotent).
 
-
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS, skip: Sequence[str] = ()) -> None:
-    """Declares one absl flag per :class:`TrainConfig` field (idempotent)."""
-    for f in dataclasses.fields(TrainConfig):
+    Each field carries its help (and enum choices) in its metadata; the flag
+    type follows the field's annotation (bool, int, float, else string).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         if f.name in skip or f.name in flag_values:
             continue
-        kind = _flag_type(f)
+        kind = hints[f.name]
         help_text = f.metadata["help"]
         if f.metadata["choices"]:
             flags.DEFINE_enum(
@@ -434,6 +436,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, skip: Sequence[str
             flags.DEFINE_float(f.name, f.default, help_text, flag_values=flag_values)
         else:
             flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, skip: Sequence[str] = ()) -> None:
+    """Declares one absl flag per :class:`TrainConfig` field (idempotent)."""
+    define_dataclass_flags(TrainConfig, flag_values, skip)
 
 
 def parse_flagfile(path: str | os.PathLike, extra_args: Sequence[str] = ()) -> TrainConfig:

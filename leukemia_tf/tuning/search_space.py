@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 from absl import flags
 
-from leukemia_tf.training.config import ConfigError, TrainConfig
+from leukemia_tf.training.config import ConfigError, TrainConfig, define_dataclass_flags
 
 #: TrainConfig flags that ``tune`` does not take: each trial gets its own
 #: model_dir under --tune_dir, --resume replaces --overwrite, and --objective
@@ -210,27 +210,9 @@ class SearchConfig:
         return cls(**values)
 
 
-def _flag_type(field: dataclasses.Field) -> type:
-    return typing.get_type_hints(SearchConfig)[field.name]
-
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Declares one absl flag per :class:`SearchConfig` field (idempotent)."""
-    for f in dataclasses.fields(SearchConfig):
-        if f.name in flag_values:
-            continue
-        kind = _flag_type(f)
-        help_text = f.metadata["help"]
-        if f.metadata["choices"]:
-            flags.DEFINE_enum(
-                f.name, f.default, list(f.metadata["choices"]), help_text, flag_values=flag_values
-            )
-        elif kind is bool:
-            flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
-        elif kind is int:
-            flags.DEFINE_integer(f.name, f.default, help_text, flag_values=flag_values)
-        else:
-            flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+    define_dataclass_flags(SearchConfig, flag_values)
 
 
 def define_all_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
