@@ -140,18 +140,60 @@ def test_decode_and_resize_is_identity_at_size_for_lossless_input():
 
 def test_decode_and_resize_keeps_aspect_ratio_and_pads_with_mean_colour():
     pixels = _texture(30, 60, seed=1)
-    out = preprocessing.decode_and_resize(_encode(pixels, "PNG"), 40).numpy()
-    # 30x60 -> 20x40, centred: rows 10..29 hold the image, the rest is the fill.
-    content = out[10:30]
+    out = preprocessing.decode_and_resize(_encode(pixels, "PNG"), 20).numpy()
+    # 30x60 -> 10x20, centred: rows 5..14 hold the image, the rest is the fill.
+    content = out[5:15]
     fill = np.floor(content.reshape(-1, 3).astype(np.float64).mean(0) + 0.5)
-    for band in (out[:10], out[30:]):
+    for band in (out[:5], out[15:]):
         np.testing.assert_array_equal(band, np.broadcast_to(fill, band.shape))
-    # The content is the area-downscaled image: at 1.5x, each output pixel
-    # averages the source area it covers, i.e. a 3x3-block mean of the
-    # source upsampled 2x by pixel repetition.
-    upsampled = np.repeat(np.repeat(pixels.astype(np.float64), 2, 0), 2, 1)  # 60x120
-    expected = upsampled.reshape(20, 3, 40, 3, 3).mean((1, 3))
-    np.testing.assert_allclose(content, np.round(expected), atol=1)
+    # A 3x reduction is area-averaged: each output pixel is the mean of a
+    # 3x3 block of the source.
+    expected = pixels.astype(np.float64).reshape(10, 3, 20, 3, 3).mean((1, 3))
+    np.testing.assert_allclose(content, np.floor(expected + 0.5), atol=1)
+
+
+def test_decode_and_resize_uses_bilinear_below_a_2x_reduction():
+    pixels = _texture(30, 60, seed=1)
+    out = preprocessing.decode_and_resize(_encode(pixels, "PNG"), 40).numpy()
+    # 30x60 -> 20x40 (1.5x): plain bilinear sampling, not the area average.
+    bilinear = tf.image.resize(pixels, [20, 40], method="bilinear").numpy()
+    area = tf.image.resize(pixels, [20, 40], method="area").numpy()
+    np.testing.assert_array_equal(out[10:30], np.floor(bilinear + 0.5).astype(np.uint8))
+    assert np.abs(np.floor(area + 0.5) - out[10:30]).max() > 1  # tells them apart
+
+
+@pytest.mark.parametrize(
+    "height, width, fused", [(363, 360, False), (360, 382, False), (1530, 1440, True)]
+)
+def test_decode_and_resize_centre_crops_nearly_square_images(height, width, fused):
+    pixels = _texture(height, width, seed=4)
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    np.testing.assert_array_equal(preprocessing.crop_box(height, width), [top, left, side, side])
+    encoded = _encode(pixels, "PNG" if not fused else "JPEG")
+    size = 100  # the JPEG is decoded at 1/4 scale (383x360), then cropped
+    out = preprocessing.decode_and_resize(encoded, size).numpy().astype(np.int32)
+    decoded = tf.io.decode_image(encoded, channels=3).numpy()
+    crop = decoded[top : top + side, left : left + side]
+    expected = np.floor(tf.image.resize(crop, [size, size], method="area").numpy() + 0.5)
+    diff = np.abs(out - expected)
+    if fused:  # DCT-downscaled decode: close, not equal
+        assert (
+            preprocessing.JPEG_RATIOS[int(preprocessing.jpeg_ratio_index(height, width, size))] == 4
+        )
+        assert diff.mean() < 1.0, diff.mean()
+        assert np.percentile(diff, 99) <= 6, np.percentile(diff, 99)
+    else:
+        np.testing.assert_array_equal(diff, 0)
+
+
+def test_decode_and_resize_pads_beyond_the_crop_tolerance():
+    # 360x384: the long side exceeds the short by 24 > 360 / 16: kept whole and padded.
+    np.testing.assert_array_equal(preprocessing.crop_box(360, 384), [0, 0, 360, 384])
+    out = preprocessing.decode_and_resize(_encode(_texture(360, 384, seed=2), "PNG"), 48).numpy()
+    # 360x384 -> 45x48: 1 row of fill on top, 2 at the bottom.
+    assert (out[0] == out[0, 0]).all() and (out[-1] == out[-1, 0]).all()
+    assert not (out[1] == out[1, 0]).all()
 
 
 def test_decode_and_resize_grayscale_rgba_and_gif_give_rgb():

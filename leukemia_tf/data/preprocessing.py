@@ -7,24 +7,31 @@ the pixels it was trained and evaluated on.
 
 Resize policy (measured in ``BENCHMARKS.md``, "Input pipeline"):
 
-* The aspect ratio is kept: the long side is scaled to ``S`` and the short
-  side is padded, centred, with the image's own mean colour. Stretching
-  would change cell morphology (nucleus shape and the nucleus-to-cytoplasm
-  ratio are diagnostic), and differently for every source's aspect ratio.
-  A centre crop would cost single-cell crops little (they are square or
-  nearly: Taleqani 224x224, PBC 360x363, AML-Cytomorphology 400x400, C-NMC
-  450x450) but would cut a quarter off a 4:3 smear field (ALL-IDB1) and the
-  cells in it. The mean colour is close to the smear background, which
-  covers most of a field, so the pad is not an out-of-distribution black
-  frame.
-* Downscaling uses area averaging (``tf.image.resize(method="area")``, a box
-  filter, so it is antialiased). On the real PBC and AML-Cytomorphology
-  images it is closer to a Lanczos reference than antialiased bilinear (a
-  triangle filter, which blurs more) at 34-43 % of its cost; plain
-  bilinear sampling is as close below a 2x reduction but aliases beyond it
-  (1.8x the error at 3.2x); antialiased bicubic is closest but costs 3-4x.
-  Upscaling (a source smaller than ``S``) uses bilinear interpolation. An
-  image already at the fitted size is not resampled.
+* Nearly square images are centre-cropped to a square, every other image
+  keeps its aspect ratio. Single-cell crops are square or nearly (Taleqani
+  224x224, PBC 363x360, AML-Cytomorphology 400x400, C-NMC 450x450): an
+  image whose long side exceeds its short side by at most 1/16 loses at
+  most 3 % at each edge, which is background around a centred cell, and a
+  crop is cheaper than padding (no mean colour, no concatenation). Any
+  longer image (a 4:3 smear field, ALL-IDB1) has its long side scaled to
+  ``S`` and its short side padded, centred, with the image's own mean
+  colour: stretching would change cell morphology (nucleus shape and the
+  nucleus-to-cytoplasm ratio are diagnostic), and differently for every
+  source's aspect ratio; a crop would cut cells off the field. The mean
+  colour is close to the smear background, which covers most of a field,
+  so the pad is not an out-of-distribution black frame.
+* Downscaling by 2x or more uses area averaging
+  (``tf.image.resize(method="area")``, a box filter, so it is antialiased):
+  on the real PBC and AML-Cytomorphology images it is closer to a Lanczos
+  reference than antialiased bilinear (a triangle filter, which blurs
+  more) at 34-43 % of its cost. Below a 2x reduction, plain bilinear
+  sampling is as close to the reference (PBC 363x360 to 224: 0.38 grey
+  levels of mean difference against area's 0.40) and cheaper; beyond it,
+  bilinear aliases (1.8x the error at 3.2x). Upscaling (a source smaller
+  than ``S``) is bilinear too; antialiased bicubic is closest but costs
+  3-4x. An image already at the fitted size is not resampled. Measured in
+  ``BENCHMARKS.md``, "Input pipeline" (version 2 of this policy; version 1
+  padded every non-square image and used area for every reduction).
 * Fused JPEG decode: a JPEG whose long side is at least ``2 * S`` is decoded
   with libjpeg's DCT-domain downscaling (``decode_jpeg(ratio=2|4|8)``, the
   largest ratio that keeps the decoded long side >= ``2 * S``), then resized
@@ -47,7 +54,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 #: Bumped whenever decode_and_resize's output changes (it names file caches).
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 
 #: libjpeg IDCT used for every JPEG (explicit: the default is platform-specific).
 JPEG_DCT_METHOD = "INTEGER_ACCURATE"
@@ -58,6 +65,10 @@ JPEG_RATIOS = (1, 2, 4, 8)
 #: A JPEG is DCT-downscaled only while its decoded long side stays >= this
 #: many times the target size.
 JPEG_RATIO_MARGIN = 2
+
+#: An image whose long side exceeds its short side by at most 1/16 of the
+#: short side is centre-cropped to a square (at most 3 % cut at each edge).
+CROP_MAX_EXCESS = 16
 
 
 def check_image_size(image_size: int) -> int:
@@ -174,17 +185,48 @@ def _pad_to_square(fitted: tf.Tensor, target: tf.Tensor, image_size: int) -> tf.
     )
 
 
+def crop_box(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """The centre crop ``[top, left, side_h, side_w]`` applied before resizing.
+
+    A nearly square image (long side at most ``1 + 1/CROP_MAX_EXCESS`` times
+    the short side) is cropped, centred, to a square of its short side; any
+    other image is kept whole (``[0, 0, height, width]``).
+
+    Args:
+      height: int scalar, the image height.
+      width: int scalar, the image width.
+
+    Returns:
+      int32 ``[4]``.
+    """
+    hw = tf.cast(tf.stack([height, width]), tf.int32)
+    short = tf.reduce_min(hw)
+    near_square = (tf.reduce_max(hw) - short) * CROP_MAX_EXCESS <= short
+    side = tf.where(near_square, tf.stack([short, short]), hw)
+    return tf.concat([(hw - side) // 2, side], axis=0)
+
+
 def _fit_and_pad(image: tf.Tensor, source_hw: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resizes a decoded image (of an original ``source_hw``) and pads it to S x S."""
+    """Crops, resizes and pads a decoded image (of an original ``source_hw``) to S x S."""
+    source_box = crop_box(source_hw[0], source_hw[1])
+    whole = tf.reduce_all(tf.equal(source_box[2:], tf.cast(source_hw, tf.int32)))
+    # The crop is decided on the original size and taken on the decoded
+    # image, which is smaller after a DCT-downscaled decode.
     shape = tf.shape(image)[:2]
-    target = fit_size(source_hw[0], source_hw[1], image_size)
-    # 0: already at the fitted size; 1: shrink (area); 2: grow (bilinear).
-    # tf.data runs conditionals as dataflow: every node of an untaken branch
-    # is still visited, so the branches are kept small and the padding is
-    # its own conditional.
+    side = tf.reduce_min(shape)
+    square_box = tf.concat([(shape - side) // 2, [side, side]], 0)
+    box = tf.where(whole, tf.concat([[0, 0], shape], 0), square_box)
+    image = image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
+    target = fit_size(source_box[2], source_box[3], image_size)
+    # 0: already at the fitted size; 1: shrink by 2x or more (area);
+    # 2: grow, or shrink by less than 2x (bilinear). tf.data runs
+    # conditionals as dataflow: every node of an untaken branch is still
+    # visited, so the branches are kept small and the padding is its own
+    # conditional.
+    shape = box[2:]
     unchanged = tf.reduce_all(tf.equal(shape, target))
-    grow = tf.reduce_any(target > shape)
-    index = tf.where(unchanged, 0, tf.where(grow, 2, 1))
+    area = tf.reduce_any(shape >= 2 * target)
+    index = tf.where(unchanged, 0, tf.where(area, 1, 2))
     fitted = tf.switch_case(
         index,
         [
@@ -200,7 +242,7 @@ def _fit_and_pad(image: tf.Tensor, source_hw: tf.Tensor, image_size: int) -> tf.
 
 
 def resize_and_pad(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resizes ``uint8 [H, W, 3]`` to ``uint8 [S, S, 3]``, keeping the aspect ratio.
+    """Resizes ``uint8 [H, W, 3]`` to ``uint8 [S, S, 3]``: centre crop or aspect kept and pad.
 
     See the module docstring for the policy. An image already ``S x S`` is
     returned unchanged.
