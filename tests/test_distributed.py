@@ -286,7 +286,7 @@ def test_xla_under_mirrored_strategy(tmp_path, synthetic_data_dir):
         cfg = config_lib.TrainConfig(
             datasets="leukemia_synthetic", data_dir={synthetic_data_dir!r}, backbone="cnn_tiny",
             image_size=32, batch_size=16, epochs=1, steps_per_epoch=2, precision="float32",
-            strategy="mirrored", verbose=0, xla=True, mixup_alpha=0.2,
+            strategy="mirrored", verbose=0, xla=True, mixup_alpha=0.2, ema=True,
             val_split="validation[:20]", model_dir=sys.argv[1])
         result = engine.train(cfg)
         assert np.isfinite(result.history[0]["loss"]), result.history

@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from leukemia_tf.training import config as config_lib
 
@@ -163,9 +164,9 @@ def test_ema_weights_are_saved_without_validation(tmp_path, synthetic_dir, monke
     swap = engine._swap_ema_weights
     save = keras.Model.save
 
-    def logged_swap(optimizer):
+    def logged_swap(optimizer, *args):
         events.append("swap")
-        swap(optimizer)
+        swap(optimizer, *args)
 
     def logged_save(self, path, *args, **kwargs):
         events.append(f"save {Path(path).name}")
@@ -180,6 +181,58 @@ def test_ema_weights_are_saved_without_validation(tmp_path, synthetic_dir, monke
     for i in saves:
         assert events[:i].count("swap") % 2 == 1, events
     assert events.count("swap") == 4, events  # swapped in and back once per epoch
+
+
+def test_batchnorm_statistics_are_averaged_with_the_weights():
+    """--ema averages BatchNorm's moving statistics too, and swaps them in with the weights."""
+    from leukemia_tf.training import engine
+
+    inputs = keras.Input((3,))
+    bn = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, bn(keras.layers.Dense(3)(inputs)))
+    optimizer = keras.optimizers.AdamW(use_ema=True, ema_momentum=0.5)
+    optimizer.build(model.trainable_variables)
+    pairs = engine._batchnorm_ema(model)
+    assert [var.path for var, _ in pairs] == [bn.moving_mean.path, bn.moving_variance.path]
+    live = [np.full(3, v, np.float32) for v in (4.0, 8.0, 2.0)]
+    for step, value in enumerate(live):
+        bn.moving_mean.assign(value)
+        bn.moving_variance.assign(value + 1)
+        engine._update_batchnorm_ema(pairs, tf.constant(0.0 if step == 0 else 0.5))
+    # 4 (copied), then 0.5 * 4 + 0.5 * 8 = 6, then 0.5 * 6 + 0.5 * 2 = 4.
+    np.testing.assert_allclose(pairs[0][1].numpy(), np.full(3, 4.0))
+    np.testing.assert_allclose(pairs[1][1].numpy(), np.full(3, 5.0))
+    bn.moving_mean.assign(np.full(3, 7.0, np.float32))
+    engine._swap_ema_weights(optimizer, pairs)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.full(3, 4.0))
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.full(3, 5.0))
+    np.testing.assert_allclose(pairs[0][1].numpy(), np.full(3, 7.0))
+    engine._swap_ema_weights(optimizer, pairs)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.full(3, 7.0))
+
+
+def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, monkeypatch):
+    """The saved EMA model holds the averaged statistics, which a checkpoint carries too."""
+    from leukemia_tf.training import engine
+
+    captured = {}
+    make = engine._batchnorm_ema
+
+    def capture(model):
+        captured["pairs"] = make(model)
+        return captured["pairs"]
+
+    monkeypatch.setattr(engine, "_batchnorm_ema", capture)
+    cfg = _cfg(tmp_path, synthetic_dir, val_split="", ema=True, ema_momentum=0.9, epochs=1)
+    engine.train(cfg)
+    pairs = captured["pairs"]
+    assert pairs and all(var.dtype == avg.dtype for var, avg in pairs)
+    saved = keras.models.load_model(Path(cfg.model_dir) / "last.keras")
+    saved_stats = {v.path: v.numpy() for v in saved.non_trainable_variables}
+    for var, average in pairs:
+        # Saved: the average; left in the live model: the live statistic; not the same.
+        np.testing.assert_allclose(saved_stats[var.path], average.numpy(), rtol=1e-6)
+        assert not np.allclose(var.numpy(), average.numpy())
 
 
 def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir):

@@ -112,15 +112,51 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: i
 
 
 # --------------------------------------------------------------------------- helpers
-def _swap_ema_weights(optimizer) -> None:
-    """Swaps the model's trainable variables with the optimizer's EMA copies (in place)."""
+def _swap_ema_weights(optimizer, batchnorm_ema: Sequence = ()) -> None:
+    """Swaps the model's variables with their EMA copies (in place).
+
+    The optimizer's EMA covers the trainable variables; ``batchnorm_ema``
+    holds ``(moving statistic, its average)`` pairs (:func:`_batchnorm_ema`).
+    """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    for var, average in zip(
-        inner._trainable_variables, inner._model_variables_moving_average, strict=True
-    ):
+    pairs = list(
+        zip(inner._trainable_variables, inner._model_variables_moving_average, strict=True)
+    )
+    for var, average in pairs + list(batchnorm_ema):
         current = tf.identity(var.value)
         var.assign(average.value)
         average.assign(current)
+
+
+def _batchnorm_ema(model: keras.Model) -> list[tuple]:
+    """``(moving statistic, average)`` pairs for every BatchNormalization layer of ``model``.
+
+    Keras' optimizer EMA averages the trainable variables only, so the EMA
+    weights would be evaluated with the moving mean and variance of the
+    live weights, which follow the last few dozen batches (momentum 0.9-0.99)
+    and move with every update. Averaging the statistics with the same
+    momentum as the weights, as timm's ``ModelEmaV2`` does with every buffer,
+    gives the EMA weights statistics of the same time span. Call under the
+    strategy's scope; the averages start at the statistics' current values.
+    """
+    pairs = []
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.built:
+            for var in (layer.moving_mean, layer.moving_variance):
+                average = keras.Variable(
+                    tf.identity(var.value),
+                    trainable=False,
+                    name=f"{var.name}_ema",
+                    aggregation="mean",
+                )
+                pairs.append((var, average))
+    return pairs
+
+
+def _update_batchnorm_ema(pairs: Sequence, momentum: tf.Tensor) -> None:
+    """One EMA update of every ``(statistic, average)`` pair (in a replica context)."""
+    for var, average in pairs:
+        average.assign(momentum * average + (1.0 - momentum) * tf.cast(var.value, average.dtype))
 
 
 def _clip_across_replicas(grads, clipnorm: float, optimizer, num_replicas: int) -> list:
@@ -554,6 +590,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         # Build the optimizer's slots for every weight now, so that unfreezing
         # the backbone later finds them (and a checkpoint always has them).
         optimizer.build(model.trainable_variables)
+        batchnorm_ema = _batchnorm_ema(model) if config.ema else []
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         best_var = tf.Variable(float("nan"), dtype=tf.float64, trainable=False, name="best")
         best_epoch_var = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_epoch")
@@ -566,6 +603,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         best=best_var,
         best_epoch=best_epoch_var,
         waited=waited_var,
+        batchnorm_ema=[average for _, average in batchnorm_ema],
     )
     # Saving is collective under MultiWorkerMirroredStrategy: every worker
     # saves, the non-chief ones into their scratch dir. Every worker restores
@@ -631,7 +669,12 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         trainable = model.trainable_variables
         if clip_in_step:
             grads = _clip_across_replicas(grads, config.clipnorm, optimizer, num_replicas)
+        # As Keras' EMA of the weights: the first step copies, later ones average.
+        first_step = tf.equal(optimizer.iterations, 0)
         optimizer.apply_gradients(zip(grads, trainable, strict=True))
+        if batchnorm_ema:
+            momentum = tf.where(first_step, 0.0, config.ema_momentum)
+            _update_batchnorm_ema(batchnorm_ema, momentum)
 
     def step_fn(batch):
         grads, stats = gradients_fn(batch)
@@ -764,7 +807,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
         }
         # Validation and the saved models use the EMA weights (also without validation).
         if config.ema:
-            _swap_ema_weights(optimizer)
+            _swap_ema_weights(optimizer, batchnorm_ema)
         if val_ds is not None:
             logs.update(evaluate())
         logs["epoch_time_s"] = time.time() - epoch_start
@@ -781,7 +824,7 @@ def train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> Train
             waited_var.assign_add(1)
         save_model(LAST_MODEL)
         if config.ema:
-            _swap_ema_weights(optimizer)
+            _swap_ema_weights(optimizer, batchnorm_ema)
         epoch_var.assign(epoch + 1)
         manager.save(checkpoint_number=epoch + 1)
         if not chief:
