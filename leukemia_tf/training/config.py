@@ -119,7 +119,9 @@ class TrainConfig:
     label_smoothing: float = _field(0.1, "Label smoothing.")
     clipnorm: float = _field(1.0, "Clip the global gradient norm to this; 0: no clipping.")
     ema: bool = _field(
-        False, "Keep an exponential moving average of the weights and validate / save it."
+        False,
+        "Keep an exponential moving average of the weights and of BatchNorm's moving "
+        "statistics, and validate / save it.",
     )
     ema_momentum: float = _field(0.999, "EMA momentum.")
     class_weighting: str = _field(
