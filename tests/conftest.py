@@ -125,28 +125,37 @@ def synthetic_data_dir(tmp_path_factory) -> str:
     return data_dir
 
 
+#: The smallest training run of the tests (cnn_tiny, 32 px, 3 steps, CPU,
+#: float32): each test overrides only what it is about.
+TINY_TRAIN = dict(
+    datasets="leukemia_synthetic",
+    backbone="cnn_tiny",
+    image_size=32,
+    batch_size=16,
+    epochs=1,
+    steps_per_epoch=3,
+    precision="float32",
+    strategy="default",
+    verbose=0,
+)
+
+
+def tiny_train_config(data_dir: str, model_dir, **overrides):
+    """A ``TrainConfig`` of :data:`TINY_TRAIN` on ``data_dir``, with ``overrides``."""
+    from leukemia_tf.training.config import TrainConfig
+
+    return TrainConfig(
+        **{**TINY_TRAIN, "data_dir": data_dir, "model_dir": str(model_dir), **overrides}
+    )
+
+
 def _train_tiny_model(model_dir: Path, data_dir: str, **overrides) -> str:
     import keras
 
     from leukemia_tf.training import engine
-    from leukemia_tf.training.config import TrainConfig
 
-    values = dict(
-        datasets="leukemia_synthetic",
-        data_dir=data_dir,
-        backbone="cnn_tiny",
-        image_size=32,
-        batch_size=16,
-        epochs=1,
-        steps_per_epoch=3,
-        precision="float32",
-        strategy="default",
-        verbose=0,
-        model_dir=str(model_dir),
-    )
-    values.update(overrides)
     try:
-        engine.train(TrainConfig(**values))
+        engine.train(tiny_train_config(data_dir, model_dir, **overrides))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return str(model_dir)

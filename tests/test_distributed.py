@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import tiny_train_config
 
 from leukemia_tf.training import config as config_lib
 from leukemia_tf.training import distribute
@@ -246,17 +247,10 @@ def test_xla_compiles_the_whole_train_step_on_cpu(tmp_path, synthetic_data_dir):
     weights and EMA compiles with jit_compile=True (what a TPU compiles too)."""
     from leukemia_tf.training import engine
 
-    cfg = TrainConfig(
-        datasets="leukemia_synthetic",
-        data_dir=synthetic_data_dir,
-        backbone="cnn_tiny",
-        image_size=32,
-        batch_size=16,
-        epochs=1,
+    cfg = tiny_train_config(
+        synthetic_data_dir,
+        tmp_path / "xla",
         steps_per_epoch=2,
-        precision="float32",
-        strategy="default",
-        verbose=0,
         xla=True,
         label_mode="taxonomy",
         head="hierarchical",
@@ -265,7 +259,6 @@ def test_xla_compiles_the_whole_train_step_on_cpu(tmp_path, synthetic_data_dir):
         class_weighting="balanced",
         ema=True,
         val_split="",  # evaluation is not compiled with XLA; skip it
-        model_dir=str(tmp_path / "xla"),
     )
     result = engine.train(cfg)
     assert np.isfinite(result.history[0]["loss"])
@@ -309,19 +302,12 @@ def test_remote_model_dir_writes_and_resumes(synthetic_data_dir):
     from leukemia_tf.training import engine
 
     model_dir = f"ram://leukemia_tf_test/{uuid.uuid4().hex}/run"
-    cfg = TrainConfig(
-        datasets="leukemia_synthetic",
-        data_dir=synthetic_data_dir,
-        backbone="cnn_tiny",
-        image_size=32,
-        batch_size=16,
+    cfg = tiny_train_config(
+        synthetic_data_dir,
+        model_dir,
         epochs=2,
         steps_per_epoch=2,
-        precision="float32",
-        strategy="default",
-        verbose=0,
         val_split="validation[:30]",
-        model_dir=model_dir,
     )
 
     class Killed(Exception):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from conftest import tiny_train_config
 from PIL import Image
 
 from leukemia_tf import predict_lib
 from leukemia_tf.data import build as build_lib
 from leukemia_tf.evaluation import evaluate_lib
 from leukemia_tf.serving import export_lib
-from leukemia_tf.training import config as config_lib
 from leukemia_tf.training import engine
 
 
@@ -24,20 +24,14 @@ def test_build_train_evaluate_export_reload_predict(tmp_path):
     assert builder.info.splits["train"].num_examples > 0
 
     model_dir = tmp_path / "model"
-    config = config_lib.TrainConfig(
-        datasets="leukemia_synthetic",
-        data_dir=data_dir,
+    config = tiny_train_config(
+        data_dir,
+        model_dir,
         label_mode="taxonomy",
         head="hierarchical",
-        backbone="cnn_tiny",
-        image_size=32,
         batch_size=32,
         epochs=2,
         steps_per_epoch=6,
-        precision="float32",
-        strategy="default",
-        verbose=0,
-        model_dir=str(model_dir),
     )
     result = engine.train(config)
     assert (model_dir / "best.keras").is_file()

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import tiny_train_config
 
 from leukemia_tf.training import config as config_lib
 
@@ -81,21 +82,9 @@ def synthetic_dir(tmp_path_factory):
 
 
 def _cfg(tmp_path, data_dir, **overrides) -> config_lib.TrainConfig:
-    values = dict(
-        datasets="leukemia_synthetic",
-        data_dir=data_dir,
-        backbone="cnn_small",
-        image_size=32,
-        batch_size=16,
-        epochs=2,
-        steps_per_epoch=3,
-        precision="float32",
-        strategy="default",
-        verbose=0,
-        model_dir=str(tmp_path / "model"),
-    )
+    values = dict(backbone="cnn_small", epochs=2)
     values.update(overrides)
-    return config_lib.TrainConfig(**values)
+    return tiny_train_config(data_dir, tmp_path / "model", **values)
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from absl import flags
+from conftest import TINY_TRAIN
 
 from leukemia_tf.training.config import ConfigError, TrainConfig
 from leukemia_tf.tuning import search_space
@@ -25,17 +26,7 @@ from leukemia_tf.tuning import search_space
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = sorted((REPO / "configs").glob("tune*.flags"))
 
-TINY = dict(
-    datasets="leukemia_synthetic",
-    backbone="cnn_tiny",
-    image_size=32,
-    batch_size=16,
-    epochs=2,
-    steps_per_epoch=2,
-    precision="float32",
-    strategy="default",
-    verbose=0,
-)
+TINY = {**TINY_TRAIN, "epochs": 2, "steps_per_epoch": 2}
 #: Fix everything but what a test searches.
 FIXED = dict(
     hidden_units_choices="0",
