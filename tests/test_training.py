@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import unittest.mock as mock
 from pathlib import Path
 
 import keras
@@ -227,7 +228,7 @@ def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, mo
 def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir):
     from leukemia_tf.training import engine
 
-    cfg = _cfg(tmp_path, synthetic_dir, epochs=3)
+    cfg = _cfg(tmp_path, synthetic_dir, epochs=3, ema=True)
 
     class Killed(Exception):
         pass
@@ -238,13 +239,43 @@ def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir):
 
     with pytest.raises(Killed):
         engine.train(cfg, callbacks=[kill_after_second_epoch])
-    assert (Path(cfg.model_dir) / "backup").is_dir()
+    backup = Path(cfg.model_dir) / "backup"
+    assert backup.is_dir()
     assert not (Path(cfg.model_dir) / "train_summary.json").exists()
+    # The BatchNorm averages are checkpointed, and restored on resume.
+    checkpoint = tf.train.latest_checkpoint(str(backup))
+    saved = {
+        name: tf.train.load_variable(checkpoint, name)
+        for name, _ in tf.train.list_variables(checkpoint)
+        if name.startswith("batchnorm_ema/")
+    }
+    assert saved
+
+    restored = {}
+    make = engine._batchnorm_ema
+
+    def capture(model):
+        restored["pairs"] = make(model)
+        return restored["pairs"]
 
     seen = []
-    result = engine.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
+    real_restore = tf.train.Checkpoint.restore
+
+    def restore_and_record(self, path, *args, **kwargs):
+        # The averages right after the restore (training moves them on).
+        status = real_restore(self, path, *args, **kwargs)
+        restored["values"] = [avg.numpy().copy() for _, avg in restored["pairs"]]
+        return status
+
+    with (
+        mock.patch.object(engine, "_batchnorm_ema", capture),
+        mock.patch.object(tf.train.Checkpoint, "restore", restore_and_record),
+    ):
+        result = engine.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
     assert seen == [2], "the resumed run must start after the last completed epoch"
     assert [row["epoch"] for row in result.history] == [0, 1, 2]
+    values = sorted(v.tobytes() for v in restored["values"])
+    assert values == sorted(np.asarray(v, np.float32).tobytes() for v in saved.values())
 
 
 def test_nan_loss_stops_with_step(tmp_path, synthetic_dir):
