@@ -200,22 +200,30 @@ def crop_box(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
       int32 ``[4]``.
     """
     hw = tf.cast(tf.stack([height, width]), tf.int32)
+    return _centre_box(hw, _near_square(hw))
+
+
+def _near_square(hw: tf.Tensor) -> tf.Tensor:
+    """Whether an image of int32 ``[h, w]`` is centre-cropped (see :func:`crop_box`)."""
     short = tf.reduce_min(hw)
-    near_square = (tf.reduce_max(hw) - short) * CROP_MAX_EXCESS <= short
-    side = tf.where(near_square, tf.stack([short, short]), hw)
+    return (tf.reduce_max(hw) - short) * CROP_MAX_EXCESS <= short
+
+
+def _centre_box(hw: tf.Tensor, crop: tf.Tensor) -> tf.Tensor:
+    """``[top, left, side_h, side_w]``: the centred square of ``hw``'s short side if ``crop``."""
+    short = tf.reduce_min(hw)
+    side = tf.where(crop, tf.stack([short, short]), hw)
     return tf.concat([(hw - side) // 2, side], axis=0)
 
 
 def _fit_and_pad(image: tf.Tensor, source_hw: tf.Tensor, image_size: int) -> tf.Tensor:
     """Crops, resizes and pads a decoded image (of an original ``source_hw``) to S x S."""
-    source_box = crop_box(source_hw[0], source_hw[1])
-    whole = tf.reduce_all(tf.equal(source_box[2:], tf.cast(source_hw, tf.int32)))
     # The crop is decided on the original size and taken on the decoded
     # image, which is smaller after a DCT-downscaled decode.
-    shape = tf.shape(image)[:2]
-    side = tf.reduce_min(shape)
-    square_box = tf.concat([(shape - side) // 2, [side, side]], 0)
-    box = tf.where(whole, tf.concat([[0, 0], shape], 0), square_box)
+    source_hw = tf.cast(source_hw, tf.int32)
+    crop = _near_square(source_hw)
+    source_box = _centre_box(source_hw, crop)
+    box = _centre_box(tf.shape(image)[:2], crop)
     image = image[box[0] : box[0] + box[2], box[1] : box[1] + box[3]]
     target = fit_size(source_box[2], source_box[3], image_size)
     # 0: already at the fitted size; 1: shrink by 2x or more (area);
