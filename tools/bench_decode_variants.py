@@ -50,10 +50,6 @@ def variants(size: int) -> dict:
         img = img[top : top + m, left : left + m]
         return P._to_uint8(tf.image.resize(img, [size, size], method="bilinear"))
 
-    def package_resize(e):
-        img = decode(e)
-        return P._fit_and_pad(img, tf.shape(img)[:2], size)
-
     return {
         "decode only": decode,
         "(c) decode + bilinear stretch, float32": lambda e: tf.image.resize(
@@ -61,7 +57,7 @@ def variants(size: int) -> dict:
         ),
         "decode_and_resize (this package)": lambda e: P.decode_and_resize(e, size),
         "decode_and_resize, fused=False": lambda e: P.decode_and_resize(e, size, fused=False),
-        "decode + the package's crop/resize/pad": package_resize,
+        "decode + the package's crop/resize/pad": lambda e: P.resize_and_pad(decode(e), size),
         "area + round + pad": pad_with("area"),
         "bilinear + round + pad": pad_with("bilinear"),
         "centre crop + bilinear + round": crop_bilinear,

@@ -282,10 +282,7 @@ def _calibration_section(
                     f"the temperature was fitted on the evaluated split {split!r} itself: its "
                     "calibrated figures are optimistic"
                 )
-            trained_on = {
-                part.split("[")[0].strip() for part in trained.config.train_split.split("+")
-            }
-            if val_split.split("[")[0].strip() in trained_on:
+            if _split_names(val_split)[0] in _split_names(trained.config.train_split):
                 notes.append(
                     f"the temperature was fitted on {val_split!r}, which the model was trained on "
                     f"(--train_split={trained.config.train_split!r}): it is reported but not "
