@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import unittest.mock as mock
 from pathlib import Path
 
 import keras
@@ -201,8 +200,9 @@ def test_batchnorm_statistics_are_averaged_with_the_weights():
     np.testing.assert_allclose(bn.moving_mean.numpy(), np.full(3, 7.0))
 
 
-def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, monkeypatch):
-    """The saved EMA model holds the averaged statistics, which a checkpoint carries too."""
+@pytest.fixture
+def batchnorm_ema(monkeypatch) -> dict:
+    """``["pairs"]``: the (statistic, average) pairs of the latest ``engine.train`` with --ema."""
     from leukemia_tf.training import engine
 
     captured = {}
@@ -213,9 +213,16 @@ def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, mo
         return captured["pairs"]
 
     monkeypatch.setattr(engine, "_batchnorm_ema", capture)
+    return captured
+
+
+def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, batchnorm_ema):
+    """The saved EMA model holds the averaged statistics, which a checkpoint carries too."""
+    from leukemia_tf.training import engine
+
     cfg = _cfg(tmp_path, synthetic_dir, val_split="", ema=True, ema_momentum=0.9, epochs=1)
     engine.train(cfg)
-    pairs = captured["pairs"]
+    pairs = batchnorm_ema["pairs"]
     assert pairs and all(var.dtype == avg.dtype for var, avg in pairs)
     saved = keras.models.load_model(Path(cfg.model_dir) / "last.keras")
     saved_stats = {v.path: v.numpy() for v in saved.non_trainable_variables}
@@ -225,7 +232,7 @@ def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, mo
         assert not np.allclose(var.numpy(), average.numpy())
 
 
-def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir):
+def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir, batchnorm_ema, monkeypatch):
     from leukemia_tf.training import engine
 
     cfg = _cfg(tmp_path, synthetic_dir, epochs=3, ema=True)
@@ -251,30 +258,21 @@ def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir):
     }
     assert saved
 
-    restored = {}
-    make = engine._batchnorm_ema
-
-    def capture(model):
-        restored["pairs"] = make(model)
-        return restored["pairs"]
-
-    seen = []
+    restored = []
     real_restore = tf.train.Checkpoint.restore
 
     def restore_and_record(self, path, *args, **kwargs):
         # The averages right after the restore (training moves them on).
         status = real_restore(self, path, *args, **kwargs)
-        restored["values"] = [avg.numpy().copy() for _, avg in restored["pairs"]]
+        restored.extend(avg.numpy().copy() for _, avg in batchnorm_ema["pairs"])
         return status
 
-    with (
-        mock.patch.object(engine, "_batchnorm_ema", capture),
-        mock.patch.object(tf.train.Checkpoint, "restore", restore_and_record),
-    ):
-        result = engine.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
+    monkeypatch.setattr(tf.train.Checkpoint, "restore", restore_and_record)
+    seen = []
+    result = engine.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
     assert seen == [2], "the resumed run must start after the last completed epoch"
     assert [row["epoch"] for row in result.history] == [0, 1, 2]
-    values = sorted(v.tobytes() for v in restored["values"])
+    values = sorted(v.tobytes() for v in restored)
     assert values == sorted(np.asarray(v, np.float32).tobytes() for v in saved.values())
 
 
