@@ -65,11 +65,11 @@ def main(argv: Sequence[str]) -> None:
     if "://" not in given and not os.path.isdir(os.path.expanduser(given)):
         sys.exit(f"error: --model_dir={given!r} does not exist")
 
-    from leukemia_tf.training import artifacts
+    from leukemia_tf import rundir
 
     # Checked before the data and model are read (local or gs://).
     try:
-        model_dir = artifacts.check_model_dir(_MODEL_DIR.value)
+        model_dir = rundir.check_model_dir(_MODEL_DIR.value)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
 

@@ -52,10 +52,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from leukemia_tf import rundir
 from leukemia_tf.data import images as images_lib
 from leukemia_tf.data import preprocessing
 from leukemia_tf.serving import signatures
-from leukemia_tf.training import artifacts
 
 DEFAULT_PATH_COLUMN = "path"
 DEFAULT_SLIDE_COLUMN = "slide_id"
@@ -299,10 +299,10 @@ def predict(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch_size={batch_size!r}: must be a positive integer")
     items, group_columns = collect_inputs(images, path_column, slide_column, patient_column)
-    model_dir = artifacts.check_model_dir(model_dir)
+    model_dir = rundir.check_model_dir(model_dir)
     if apply_temperature:
-        artifacts.check_calibration(model_dir)
-    trained = artifacts.load_trained_model(model_dir, which=which, float32=True, tta=tta)
+        rundir.check_calibration(model_dir)
+    trained = rundir.load_trained_model(model_dir, which=which, float32=True, tta=tta)
     temperature = trained.temperature if apply_temperature else 1.0
     label_space = trained.label_space
     image_size = trained.image_size
@@ -393,7 +393,7 @@ def _write_cells(
     items: Sequence[InputImage],
     done: dict[int, dict[str, np.ndarray]],
     group_columns: Sequence[str],
-    trained: artifacts.TrainedModel,
+    trained: rundir.TrainedModel,
 ) -> None:
     class_names = trained.class_names
     hierarchical = trained.label_space.head == "hierarchical"

@@ -30,9 +30,9 @@ def main(argv: Sequence[str]) -> None:
     except config_lib.ConfigError as e:
         raise app.UsageError(str(e)) from e
 
-    from leukemia_tf.training import engine  # heavy imports after flag parsing
+    from leukemia_tf.training import train_lib  # heavy imports after flag parsing
 
-    result = engine.train(config)
+    result = train_lib.train(config)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items())
     print(
         f"\nBest epoch {result.best_epoch + 1}: {metrics or '(no validation split)'}\n"

@@ -152,10 +152,10 @@ def tiny_train_config(data_dir: str, model_dir, **overrides):
 def _train_tiny_model(model_dir: Path, data_dir: str, **overrides) -> str:
     import keras
 
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     try:
-        engine.train(tiny_train_config(data_dir, model_dir, **overrides))
+        train_lib.train(tiny_train_config(data_dir, model_dir, **overrides))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return str(model_dir)

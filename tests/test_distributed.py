@@ -23,6 +23,7 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_train_config
 
+from leukemia_tf import rundir
 from leukemia_tf.training import config as config_lib
 from leukemia_tf.training import distribute
 from leukemia_tf.training.config import ConfigError, TrainConfig, check_tpu_config
@@ -153,7 +154,7 @@ def _specs():
 
 def test_train_input_has_static_shapes_and_no_strings(synthetic_data_dir):
     from leukemia_tf.taxonomy import Taxonomy
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import inputs
 
     cfg = TrainConfig(
         data_dir=synthetic_data_dir,
@@ -168,8 +169,8 @@ def test_train_input_has_static_shapes_and_no_strings(synthetic_data_dir):
         num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=8
     )
     taxonomy = Taxonomy.load()
-    ds_uint8 = engine.train_input_fn(cfg, _specs(), synthetic_data_dir, taxonomy)(ctx)
-    ds_bf16 = engine.train_input_fn(cfg, _specs(), synthetic_data_dir, taxonomy, tf.bfloat16)(ctx)
+    ds_uint8 = inputs.train_input_fn(cfg, _specs(), synthetic_data_dir, taxonomy)(ctx)
+    ds_bf16 = inputs.train_input_fn(cfg, _specs(), synthetic_data_dir, taxonomy, tf.bfloat16)(ctx)
     for ds, dtype in ((ds_uint8, tf.uint8), (ds_bf16, tf.bfloat16)):
         spec = ds.element_spec
         assert set(spec) == {"image", "label", "levels"}, "strings must not reach the step"
@@ -190,7 +191,7 @@ def test_train_input_has_static_shapes_and_no_strings(synthetic_data_dir):
 def test_eval_input_pads_to_equal_full_batches(synthetic_data_dir, pipelines, replicas):
     """Every replica gets as many full batches; each example is seen once in all."""
     from leukemia_tf.data import pipeline
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import inputs
 
     num, per_replica = 13, 2
     cfg = TrainConfig(
@@ -200,7 +201,7 @@ def test_eval_input_pads_to_equal_full_batches(synthetic_data_dir, pipelines, re
         val_split=f"validation[:{num}]",
         model_dir="x",
     )
-    fn = engine.eval_input_fn(cfg, _specs(), synthetic_data_dir, None, num)
+    fn = inputs.eval_input_fn(cfg, _specs(), synthetic_data_dir, None, num)
     per_pipeline = []
     for pid in range(pipelines):
         ctx = tf.distribute.InputContext(
@@ -245,7 +246,7 @@ def test_eval_input_pads_to_equal_full_batches(synthetic_data_dir, pipelines, re
 def test_xla_compiles_the_whole_train_step_on_cpu(tmp_path, synthetic_data_dir):
     """--xla: the step with augmentation, MixUp/CutMix, a hierarchical head, class
     weights and EMA compiles with jit_compile=True (what a TPU compiles too)."""
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     cfg = tiny_train_config(
         synthetic_data_dir,
@@ -260,7 +261,7 @@ def test_xla_compiles_the_whole_train_step_on_cpu(tmp_path, synthetic_data_dir):
         ema=True,
         val_split="",  # evaluation is not compiled with XLA; skip it
     )
-    result = engine.train(cfg)
+    result = train_lib.train(cfg)
     assert np.isfinite(result.history[0]["loss"])
 
 
@@ -275,13 +276,13 @@ def test_xla_under_mirrored_strategy(tmp_path, synthetic_data_dir):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from leukemia_tf.training import config as config_lib, engine
+        from leukemia_tf.training import config as config_lib, inputs, train_lib
         cfg = config_lib.TrainConfig(
             datasets="leukemia_synthetic", data_dir={synthetic_data_dir!r}, backbone="cnn_tiny",
             image_size=32, batch_size=16, epochs=1, steps_per_epoch=2, precision="float32",
             strategy="mirrored", verbose=0, xla=True, mixup_alpha=0.2, ema=True,
             val_split="validation[:20]", model_dir=sys.argv[1])
-        result = engine.train(cfg)
+        result = train_lib.train(cfg)
         assert np.isfinite(result.history[0]["loss"]), result.history
         """
     )
@@ -299,7 +300,7 @@ def test_xla_under_mirrored_strategy(tmp_path, synthetic_data_dir):
 
 def test_remote_model_dir_writes_and_resumes(synthetic_data_dir):
     """model_dir through tf.io.gfile (TF's in-memory ram:// stands in for gs://)."""
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     model_dir = f"ram://leukemia_tf_test/{uuid.uuid4().hex}/run"
     cfg = tiny_train_config(
@@ -317,10 +318,10 @@ def test_remote_model_dir_writes_and_resumes(synthetic_data_dir):
         raise Killed()
 
     with pytest.raises(Killed):
-        engine.train(cfg, callbacks=[kill])
+        train_lib.train(cfg, callbacks=[kill])
     assert tf.io.gfile.exists(f"{model_dir}/backup/checkpoint")
     seen = []
-    result = engine.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
+    result = train_lib.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
     assert seen == [1]
     assert [row["epoch"] for row in result.history] == [0, 1]
     names = set(tf.io.gfile.listdir(model_dir))
@@ -335,7 +336,7 @@ def test_remote_model_dir_writes_and_resumes(synthetic_data_dir):
 # ---------------------------------------------------------- multi-worker bits
 def test_remove_worker_dir_cleans_scratch_space(tmp_path):
     model_dir = str(tmp_path)
-    scratch = [tmp_path / distribute.WORKERS_DIR / f"worker_{i}" for i in (1, 2)]
+    scratch = [tmp_path / rundir.WORKERS_DIR / f"worker_{i}" for i in (1, 2)]
     for path in scratch:
         (path / "backup").mkdir(parents=True)
         (path / "backup" / "ckpt-1.index").write_text("x")
@@ -344,7 +345,7 @@ def test_remove_worker_dir_cleans_scratch_space(tmp_path):
     distribute.remove_worker_dir(model_dir, str(scratch[0]))
     assert not scratch[0].exists() and scratch[1].exists()
     distribute.remove_worker_dir(model_dir, str(scratch[1]))
-    assert not (tmp_path / distribute.WORKERS_DIR).exists()
+    assert not (tmp_path / rundir.WORKERS_DIR).exists()
 
 
 class _TwoWorkers:

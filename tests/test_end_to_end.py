@@ -15,7 +15,7 @@ from leukemia_tf import predict_lib
 from leukemia_tf.data import build as build_lib
 from leukemia_tf.evaluation import evaluate_lib
 from leukemia_tf.serving import export_lib
-from leukemia_tf.training import engine
+from leukemia_tf.training import train_lib
 
 
 def test_build_train_evaluate_export_reload_predict(tmp_path):
@@ -33,7 +33,7 @@ def test_build_train_evaluate_export_reload_predict(tmp_path):
         epochs=2,
         steps_per_epoch=6,
     )
-    result = engine.train(config)
+    result = train_lib.train(config)
     assert (model_dir / "best.keras").is_file()
 
     evaluate_lib.evaluate(model_dir, split="test", bootstrap=20, explain_samples=0)

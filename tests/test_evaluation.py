@@ -290,7 +290,7 @@ TOP_KEYS = {
 def _check_common(
     result: dict, model_dir: Path, out_dir: Path, split_size: int, explained: bool = True
 ) -> dict:
-    from leukemia_tf.training import artifacts
+    from leukemia_tf import rundir
 
     on_disk = json.loads((out_dir / "metrics.json").read_text())
     assert TOP_KEYS <= set(on_disk)
@@ -307,7 +307,7 @@ def _check_common(
 
     cal = on_disk["calibration"]
     assert cal["fitted_on"] == "validation" and cal["stored"]
-    assert artifacts.read_temperature(model_dir) == pytest.approx(cal["temperature"])
+    assert rundir.read_temperature(model_dir) == pytest.approx(cal["temperature"])
     assert cal["temperature"] != 1.0
     assert cal["validation_nll_after"] <= cal["validation_nll_before"] + 1e-9
     assert "15 equal-width bins" in cal["binning"]

@@ -28,9 +28,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from leukemia_tf import rundir
 from leukemia_tf.data import preprocessing
 from leukemia_tf.serving import export_lib, signatures, warmup
-from leukemia_tf.training import artifacts
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -62,7 +62,7 @@ def _test_images() -> list[bytes]:
 
 def _keras_expected(model_dir: str, images: list[bytes], temperature: float = 1.0) -> dict:
     """What the Keras model (float32 rebuild) predicts for ``images``."""
-    trained = artifacts.load_trained_model(model_dir)
+    trained = rundir.load_trained_model(model_dir)
     pixels = np.stack(
         [preprocessing.decode_and_resize(b, trained.image_size).numpy() for b in images]
     )
@@ -157,7 +157,7 @@ def test_layout_and_assets(exports):
     assert meta["dtype"] == "float32" and meta["temperature"] == 1.0
     assert meta["temperature_applied"] is False
     assert meta["taxonomy_levels"][0] == ["normal", "reactive", "leukemia"]
-    taxonomy = artifacts.load_trained_model(hier.model_dir).taxonomy
+    taxonomy = rundir.load_trained_model(hier.model_dir).taxonomy
     assert (hier.path / "assets" / "taxonomy.yaml").read_text() == Path(taxonomy.source).read_text()
     # A flat model on native labels has no taxonomy to ship.
     assert not (flat.path / "assets" / "taxonomy.yaml").exists()
@@ -399,7 +399,7 @@ def test_versions_and_temperature(tmp_path, trained_flat_model_dir):
     with pytest.raises(FileExistsError, match="7 already exists.*version 8"):
         export_lib.export_model(model_dir, export_dir, version=7, **quick)
 
-    artifacts.write_temperature(model_dir, 2.5)
+    rundir.write_temperature(model_dir, 2.5)
     result = export_lib.export_model(model_dir, export_dir, apply_temperature=True, **quick)
     assert result.version == 8 and result.temperature == 2.5
     meta = json.loads(Path(result.path, "assets", "export.json").read_text())
@@ -410,7 +410,7 @@ def test_versions_and_temperature(tmp_path, trained_flat_model_dir):
         .signatures["serving_default"](image_bytes=tf.constant(images))["probabilities"]
         .numpy()
     )
-    trained = artifacts.load_trained_model(model_dir)
+    trained = rundir.load_trained_model(model_dir)
     logits = trained.outputs(
         np.stack([preprocessing.decode_and_resize(b, 32).numpy() for b in images])
     )["logits"]

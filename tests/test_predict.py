@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukemia_tf import predict_lib
+from leukemia_tf import predict_lib, rundir
 from leukemia_tf.data import images as images_lib
 from leukemia_tf.data import preprocessing
-from leukemia_tf.training import artifacts
 
 GOOD = ("a.png", "b.jpg", "sub/c.bmp", "sub/d16.tif", "e_rgba.png", "f.jpg")
 BAD = {
@@ -61,7 +60,7 @@ def _read_csv(path) -> list[dict]:
 
 def _expected_probabilities(model_dir, paths, tta=False) -> tuple[np.ndarray, list[str]]:
     """The Keras model on the files, read and resized as the input pipeline does."""
-    trained = artifacts.load_trained_model(model_dir, tta=tta)
+    trained = rundir.load_trained_model(model_dir, tta=tta)
     pixels = np.stack(
         [
             preprocessing.decode_and_resize(images_lib.read_image(p)[0], trained.image_size).numpy()
@@ -147,7 +146,7 @@ def test_csv_input_with_slides_hierarchical(trained_hierarchical_model_dir, imag
     assert result.group_files["slide_id"] == str(tmp_path / "p_slides.csv")
 
     rows = _read_csv(tmp_path / "p.csv")
-    trained = artifacts.load_trained_model(trained_hierarchical_model_dir)
+    trained = rundir.load_trained_model(trained_hierarchical_model_dir)
     taxonomy, classes = trained.taxonomy, trained.class_names
     assert [r["slide_id"] for r in rows] == ["s1", "s1", "s1", "s2", "s3", ""]
     for row in rows:

@@ -20,8 +20,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from leukemia_tf import rundir
 from leukemia_tf.data import preprocessing
-from leukemia_tf.training import artifacts
 
 
 def _copy_to_ram(local_dir: str) -> str:
@@ -57,40 +57,40 @@ def images(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 def test_path_helpers(tmp_path):
-    assert artifacts.is_remote("gs://bucket/run") and not artifacts.is_remote(tmp_path)
-    assert artifacts.join("gs://bucket/run/", "eval_test", "report.md") == (
+    assert rundir.is_remote("gs://bucket/run") and not rundir.is_remote(tmp_path)
+    assert rundir.join("gs://bucket/run/", "eval_test", "report.md") == (
         "gs://bucket/run/eval_test/report.md"
     )
-    assert artifacts.join(tmp_path, "x") == str(tmp_path / "x")
-    assert artifacts.basename("gs://bucket/runs/quick/") == "quick"
-    assert artifacts.calibration_path("gs://b/run") == "gs://b/run/calibration.json"
-    assert artifacts.check_model_dir(tmp_path) == str(tmp_path)
+    assert rundir.join(tmp_path, "x") == str(tmp_path / "x")
+    assert rundir.basename("gs://bucket/runs/quick/") == "quick"
+    assert rundir.calibration_path("gs://b/run") == "gs://b/run/calibration.json"
+    assert rundir.check_model_dir(tmp_path) == str(tmp_path)
 
 
 def test_temperature_and_copy_tree_replace_files(tmp_path):
     remote = f"ram://remote_calibration_{uuid.uuid4().hex[:8]}"
     tf.io.gfile.makedirs(remote)
-    assert artifacts.read_temperature(remote) == 1.0
-    artifacts.write_temperature(remote, 2.5)
-    artifacts.write_temperature(remote, 1.5)  # ram:// would append on a plain "w"
-    assert artifacts.read_temperature(remote) == 1.5
-    assert artifacts.check_calibration(remote) == f"{remote}/calibration.json"
+    assert rundir.read_temperature(remote) == 1.0
+    rundir.write_temperature(remote, 2.5)
+    rundir.write_temperature(remote, 1.5)  # ram:// would append on a plain "w"
+    assert rundir.read_temperature(remote) == 1.5
+    assert rundir.check_calibration(remote) == f"{remote}/calibration.json"
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("a")
     (tmp_path / "sub" / "b.txt").write_text("b")
     for _ in range(2):  # the second copy replaces the files, never appends
-        copied = artifacts.copy_tree(tmp_path, f"{remote}/tree")
+        copied = rundir.copy_tree(tmp_path, f"{remote}/tree")
     assert sorted(copied) == [f"{remote}/tree/a.txt", f"{remote}/tree/sub/b.txt"]
-    assert artifacts.read_text(f"{remote}/tree/sub/b.txt") == "b"
+    assert rundir.read_text(f"{remote}/tree/sub/b.txt") == "b"
     back = tmp_path / "back"
-    artifacts.copy_tree(f"{remote}/tree", back)
+    rundir.copy_tree(f"{remote}/tree", back)
     assert (back / "a.txt").read_text() == "a" and (back / "sub" / "b.txt").read_text() == "b"
 
 
 def test_load_trained_model(trained_flat_model_dir, ram_model_dir, images):
-    local = artifacts.load_trained_model(trained_flat_model_dir)
-    remote = artifacts.load_trained_model(ram_model_dir)
+    local = rundir.load_trained_model(trained_flat_model_dir)
+    remote = rundir.load_trained_model(ram_model_dir)
     assert remote.model_dir == ram_model_dir  # not mangled into "ram:/..."
     assert remote.class_names == local.class_names
     assert remote.config == local.config and remote.temperature == 1.0
@@ -100,7 +100,7 @@ def test_load_trained_model(trained_flat_model_dir, ram_model_dir, images):
         local.probabilities(local.outputs(pixels)),
         atol=1e-6,
     )
-    last = artifacts.load_trained_model(ram_model_dir, which=f"{ram_model_dir}/last.keras")
+    last = rundir.load_trained_model(ram_model_dir, which=f"{ram_model_dir}/last.keras")
     assert last.class_names == local.class_names
 
 
@@ -122,9 +122,9 @@ def test_evaluate(trained_flat_model_dir, ram_model_dir, tmp_path):
         assert tf.io.gfile.exists(f"{out_dir}/{name}"), name
     with tf.io.gfile.GFile(f"{out_dir}/confusion_matrix.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    on_disk = json.loads(artifacts.read_text(remote["metrics_path"]))
+    on_disk = json.loads(rundir.read_text(remote["metrics_path"]))
     assert on_disk["model"]["model_dir"] == ram_model_dir
-    assert artifacts.read_text(remote["report_path"]).startswith("# Evaluation report: run on")
+    assert rundir.read_text(remote["report_path"]).startswith("# Evaluation report: run on")
     # The same model on the same data: the same figures and temperature.
     for key in metrics_lib.HEADLINE:
         want = local["cell"][key]
@@ -132,7 +132,7 @@ def test_evaluate(trained_flat_model_dir, ram_model_dir, tmp_path):
     assert remote["calibration"]["temperature"] == pytest.approx(
         local["calibration"]["temperature"], rel=1e-5
     )
-    assert artifacts.read_temperature(ram_model_dir) == pytest.approx(
+    assert rundir.read_temperature(ram_model_dir) == pytest.approx(
         remote["calibration"]["temperature"]
     )
 
@@ -143,7 +143,7 @@ def test_export(trained_flat_model_dir, ram_model_dir, images, tmp_path):
     quick = dict(write_warmup=False, verify=False)
     with pytest.raises(FileNotFoundError, match=f"{ram_model_dir}/calibration.json not found"):
         export_lib.export_model(ram_model_dir, tmp_path / "export", apply_temperature=True, **quick)
-    artifacts.write_temperature(ram_model_dir, 2.5)
+    rundir.write_temperature(ram_model_dir, 2.5)
     result = export_lib.export_model(
         ram_model_dir, tmp_path / "export", apply_temperature=True, **quick
     )
@@ -156,7 +156,7 @@ def test_export(trained_flat_model_dir, ram_model_dir, images, tmp_path):
         .signatures["predict_pixels"](pixels=tf.constant(pixels, tf.float32))["probabilities"]
         .numpy()
     )
-    local = artifacts.load_trained_model(trained_flat_model_dir)
+    local = rundir.load_trained_model(trained_flat_model_dir)
     logits = local.outputs(pixels)["logits"]
     np.testing.assert_allclose(served, tf.nn.softmax(logits / 2.5).numpy(), atol=1e-5)
 
@@ -192,8 +192,8 @@ def test_missing_remote_model_dir(images, tmp_path):
     message = f"--model_dir='{missing}' does not exist"
     folder, _ = images
     calls = {
-        "check_model_dir": lambda: artifacts.check_model_dir(missing),
-        "load_trained_model": lambda: artifacts.load_trained_model(missing),
+        "check_model_dir": lambda: rundir.check_model_dir(missing),
+        "load_trained_model": lambda: rundir.load_trained_model(missing),
         "evaluate": lambda: evaluate_lib.evaluate(missing),
         "export": lambda: export_lib.export_model(missing, tmp_path / "export"),
         "predict": lambda: predict_lib.predict(missing, str(folder), tmp_path / "p.csv"),

@@ -65,10 +65,12 @@ def test_flagfile_round_trip(tmp_path):
     cfg = config_lib.TrainConfig(
         model_dir=str(tmp_path / "m"), epochs=3, augment=False, mixup_alpha=0.4
     )
-    cfg.save(tmp_path / "m")
+    from leukemia_tf import rundir
+
+    rundir.write_config(str(tmp_path / "m"), cfg)
     again = config_lib.parse_flagfile(tmp_path / "m" / "flags.txt")
     assert again == cfg
-    assert config_lib.TrainConfig.load(tmp_path / "m") == cfg
+    assert rundir.read_config(tmp_path / "m") == cfg
 
 
 # -------------------------------------------------------------- training
@@ -94,7 +96,7 @@ def _float32_policy():
 
 
 def test_smoke_run_writes_everything(tmp_path, synthetic_dir):
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     cfg = _cfg(
         tmp_path,
@@ -108,7 +110,7 @@ def test_smoke_run_writes_everything(tmp_path, synthetic_dir):
         freeze_epochs=1,
         steps_per_execution=2,
     )
-    result = engine.train(cfg)
+    result = train_lib.train(cfg)
     model_dir = Path(cfg.model_dir)
     for name in (
         "best.keras",
@@ -127,14 +129,14 @@ def test_smoke_run_writes_everything(tmp_path, synthetic_dir):
     assert list((model_dir / "logs" / "train").iterdir()), "no TensorBoard events"
     # A finished run is not overwritten silently.
     with pytest.raises(config_lib.ConfigError, match="holds a finished run"):
-        engine.train(cfg)
+        train_lib.train(cfg)
     reloaded = keras.models.load_model(model_dir / "best.keras")
     out = reloaded(np.zeros((2, 32, 32, 3), np.float32))
     assert set(out) == {f"level_{k}" for k in range(4)}
 
-    from leukemia_tf.training import artifacts
+    from leukemia_tf import rundir
 
-    trained = artifacts.load_trained_model(model_dir)
+    trained = rundir.load_trained_model(model_dir)
     assert trained.class_names == (model_dir / "labels.txt").read_text().split()
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     probs = trained.probabilities(trained.outputs(images))
@@ -147,10 +149,10 @@ def test_smoke_run_writes_everything(tmp_path, synthetic_dir):
 
 def test_ema_weights_are_saved_without_validation(tmp_path, synthetic_dir, monkeypatch):
     """With --ema, best/last.keras hold the EMA weights also when there is no validation split."""
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import ema, train_lib
 
     events = []
-    swap = engine._swap_ema_weights
+    swap = ema.swap
     save = keras.Model.save
 
     def logged_swap(optimizer, *args):
@@ -161,9 +163,9 @@ def test_ema_weights_are_saved_without_validation(tmp_path, synthetic_dir, monke
         events.append(f"save {Path(path).name}")
         return save(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_swap_ema_weights", logged_swap)
+    monkeypatch.setattr(ema, "swap", logged_swap)
     monkeypatch.setattr(keras.Model, "save", logged_save)
-    engine.train(_cfg(tmp_path, synthetic_dir, val_split="", ema=True, epochs=2))
+    train_lib.train(_cfg(tmp_path, synthetic_dir, val_split="", ema=True, epochs=2))
     saves = [i for i, e in enumerate(events) if e.startswith("save")]
     assert saves, events
     # Every save happens while the EMA weights are swapped in (an odd number of swaps before it).
@@ -174,54 +176,54 @@ def test_ema_weights_are_saved_without_validation(tmp_path, synthetic_dir, monke
 
 def test_batchnorm_statistics_are_averaged_with_the_weights():
     """--ema averages BatchNorm's moving statistics too, and swaps them in with the weights."""
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import ema
 
     inputs = keras.Input((3,))
     bn = keras.layers.BatchNormalization()
     model = keras.Model(inputs, bn(keras.layers.Dense(3)(inputs)))
     optimizer = keras.optimizers.AdamW(use_ema=True, ema_momentum=0.5)
     optimizer.build(model.trainable_variables)
-    pairs = engine._batchnorm_ema(model)
+    pairs = ema.batchnorm_pairs(model)
     assert [var.path for var, _ in pairs] == [bn.moving_mean.path, bn.moving_variance.path]
     live = [np.full(3, v, np.float32) for v in (4.0, 8.0, 2.0)]
     for step, value in enumerate(live):
         bn.moving_mean.assign(value)
         bn.moving_variance.assign(value + 1)
-        engine._update_batchnorm_ema(pairs, tf.constant(0.0 if step == 0 else 0.5))
+        ema.update_batchnorm(pairs, tf.constant(0.0 if step == 0 else 0.5))
     # 4 (copied), then 0.5 * 4 + 0.5 * 8 = 6, then 0.5 * 6 + 0.5 * 2 = 4.
     np.testing.assert_allclose(pairs[0][1].numpy(), np.full(3, 4.0))
     np.testing.assert_allclose(pairs[1][1].numpy(), np.full(3, 5.0))
     bn.moving_mean.assign(np.full(3, 7.0, np.float32))
-    engine._swap_ema_weights(optimizer, pairs)
+    ema.swap(optimizer, pairs)
     np.testing.assert_allclose(bn.moving_mean.numpy(), np.full(3, 4.0))
     np.testing.assert_allclose(bn.moving_variance.numpy(), np.full(3, 5.0))
     np.testing.assert_allclose(pairs[0][1].numpy(), np.full(3, 7.0))
-    engine._swap_ema_weights(optimizer, pairs)
+    ema.swap(optimizer, pairs)
     np.testing.assert_allclose(bn.moving_mean.numpy(), np.full(3, 7.0))
 
 
 @pytest.fixture
 def batchnorm_ema(monkeypatch) -> dict:
     """``["pairs"]``: the (statistic, average) pairs of the latest ``engine.train`` with --ema."""
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import ema
 
     captured = {}
-    make = engine._batchnorm_ema
+    make = ema.batchnorm_pairs
 
     def capture(model):
         captured["pairs"] = make(model)
         return captured["pairs"]
 
-    monkeypatch.setattr(engine, "_batchnorm_ema", capture)
+    monkeypatch.setattr(ema, "batchnorm_pairs", capture)
     return captured
 
 
 def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, batchnorm_ema):
     """The saved EMA model holds the averaged statistics, which a checkpoint carries too."""
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     cfg = _cfg(tmp_path, synthetic_dir, val_split="", ema=True, ema_momentum=0.9, epochs=1)
-    engine.train(cfg)
+    train_lib.train(cfg)
     pairs = batchnorm_ema["pairs"]
     assert pairs and all(var.dtype == avg.dtype for var, avg in pairs)
     saved = keras.models.load_model(Path(cfg.model_dir) / "last.keras")
@@ -233,7 +235,7 @@ def test_ema_run_saves_averaged_batchnorm_statistics(tmp_path, synthetic_dir, ba
 
 
 def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir, batchnorm_ema, monkeypatch):
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     cfg = _cfg(tmp_path, synthetic_dir, epochs=3, ema=True)
 
@@ -245,7 +247,7 @@ def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir, batchnorm_ema,
             raise Killed()
 
     with pytest.raises(Killed):
-        engine.train(cfg, callbacks=[kill_after_second_epoch])
+        train_lib.train(cfg, callbacks=[kill_after_second_epoch])
     backup = Path(cfg.model_dir) / "backup"
     assert backup.is_dir()
     assert not (Path(cfg.model_dir) / "train_summary.json").exists()
@@ -269,7 +271,7 @@ def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir, batchnorm_ema,
 
     monkeypatch.setattr(tf.train.Checkpoint, "restore", restore_and_record)
     seen = []
-    result = engine.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
+    result = train_lib.train(cfg, callbacks=[lambda epoch, logs: seen.append(epoch)])
     assert seen == [2], "the resumed run must start after the last completed epoch"
     assert [row["epoch"] for row in result.history] == [0, 1, 2]
     values = sorted(v.tobytes() for v in restored)
@@ -277,28 +279,28 @@ def test_killed_run_resumes_and_finishes(tmp_path, synthetic_dir, batchnorm_ema,
 
 
 def test_nan_loss_stops_with_step(tmp_path, synthetic_dir):
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     cfg = _cfg(
         tmp_path, synthetic_dir, learning_rate=1e12, clipnorm=0.0, epochs=3, steps_per_epoch=5
     )
     with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        engine.train(cfg)
+        train_lib.train(cfg)
 
 
 def test_mixed_bfloat16_on_cpu(tmp_path, synthetic_dir):
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     cfg = _cfg(tmp_path, synthetic_dir, precision="mixed_bfloat16", epochs=1, steps_per_epoch=2)
-    result = engine.train(cfg)
+    result = train_lib.train(cfg)
     assert np.isfinite(result.history[0]["loss"])
     summary = json.loads((Path(cfg.model_dir) / "train_summary.json").read_text())
     assert summary["precision"] == "mixed_bfloat16"
     keras.mixed_precision.set_global_policy("float32")
 
-    from leukemia_tf.training import artifacts
+    from leukemia_tf import rundir
 
-    trained = artifacts.load_trained_model(cfg.model_dir)
+    trained = rundir.load_trained_model(cfg.model_dir)
     assert all(w.dtype == "float32" for w in trained.model.weights)
     assert all(layer.compute_dtype == "float32" for layer in trained.model.layers)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -324,14 +326,14 @@ def test_two_replica_mirrored_matches_single_device(tmp_path, synthetic_dir):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from leukemia_tf.training import config as config_lib, engine
+        from leukemia_tf.training import config as config_lib, ema, train_lib
         strategy = sys.argv[1]
         cfg = config_lib.TrainConfig(
             datasets="leukemia_synthetic", data_dir={synthetic_dir!r}, backbone="vit_tiny_patch16",
             image_size=32, batch_size=16, epochs=1, steps_per_epoch=3, precision="float32",
             strategy=strategy, verbose=0, augment=False, deterministic=True, dropout=0.0,
             val_split="", model_dir=sys.argv[2])
-        engine.train(cfg)
+        train_lib.train(cfg)
         import keras
         model = keras.models.load_model(sys.argv[2] + "/last.keras")
         np.save(sys.argv[2] + "/w.npy", np.concatenate([w.ravel() for w in model.get_weights()]))

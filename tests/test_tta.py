@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
+from leukemia_tf import rundir
 from leukemia_tf.evaluation import evaluate_lib
-from leukemia_tf.training import artifacts
 
 
 def _numpy_views(images: np.ndarray) -> list[np.ndarray]:
@@ -23,7 +23,7 @@ def _numpy_views(images: np.ndarray) -> list[np.ndarray]:
 
 def test_d4_views_are_the_eight_symmetries():
     image = np.arange(2 * 3 * 3 * 1, dtype=np.float32).reshape(2, 3, 3, 1)
-    views = [v.numpy() for v in artifacts.d4_views(image)]
+    views = [v.numpy() for v in rundir.d4_views(image)]
     assert len(views) == 8
     # All 8 are different (the image has no symmetry) and they are the D4 group.
     assert len({v.tobytes() for v in views}) == 8
@@ -34,8 +34,8 @@ def test_d4_views_are_the_eight_symmetries():
 @pytest.mark.parametrize("fixture", ["trained_flat_model_dir", "trained_hierarchical_model_dir"])
 def test_tta_forward_is_the_mean_of_the_views(request, fixture):
     model_dir = request.getfixturevalue(fixture)
-    plain = artifacts.load_trained_model(model_dir)
-    tta = artifacts.load_trained_model(model_dir, tta=True)
+    plain = rundir.load_trained_model(model_dir)
+    tta = rundir.load_trained_model(model_dir, tta=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
     got = tta.outputs(images)
@@ -52,7 +52,7 @@ def test_tta_forward_is_the_mean_of_the_views(request, fixture):
 def test_evaluate_with_tta_writes_its_own_report(tmp_path, trained_flat_model_dir):
     model_dir = str(tmp_path / "run")
     shutil.copytree(trained_flat_model_dir, model_dir)
-    calibration = os.path.join(model_dir, artifacts.CALIBRATION_FILE)
+    calibration = os.path.join(model_dir, rundir.CALIBRATION_FILE)
     if os.path.exists(calibration):
         os.remove(calibration)
     result = evaluate_lib.evaluate(
@@ -70,10 +70,10 @@ def test_temperature_fitted_on_training_data_is_not_stored(tmp_path, trained_fla
     """A model trained on train+validation: its 'validation' temperature would be meaningless."""
     model_dir = tmp_path / "run"
     shutil.copytree(trained_flat_model_dir, model_dir)
-    (model_dir / artifacts.CALIBRATION_FILE).unlink(missing_ok=True)
+    (model_dir / rundir.CALIBRATION_FILE).unlink(missing_ok=True)
     config = json.loads((model_dir / "config.json").read_text())
     config["train_split"] = "train+validation"
     (model_dir / "config.json").write_text(json.dumps(config))
     result = evaluate_lib.evaluate(str(model_dir), split="test", bootstrap=0, explain_samples=0)
-    assert not (model_dir / artifacts.CALIBRATION_FILE).exists()
+    assert not (model_dir / rundir.CALIBRATION_FILE).exists()
     assert any("which the model was trained on" in note for note in result["caveats"])

@@ -214,12 +214,12 @@ def test_search_writes_tables_tensorboard_and_best_flagfile(hyperband_search):
 
 def test_best_flagfile_trains(hyperband_search, tmp_path):
     from leukemia_tf.training import config as config_lib
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     parsed = config_lib.parse_flagfile(
         hyperband_search.result.best_flagfile, [f"--model_dir={tmp_path / 'run'}"]
     )
-    out = engine.train(parsed)
+    out = train_lib.train(parsed)
     assert len(out.history) == parsed.epochs
     assert (tmp_path / "run" / "best.keras").exists()
 

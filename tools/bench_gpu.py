@@ -7,7 +7,7 @@ Run from the repository root on a machine with a GPU::
   python tools/bench_gpu.py --smoke                           # seconds, on a CPU
 
 Every figure is images per second of the package's own training loop
-(``leukemia_tf.training.engine.train``: augmentation, model, loss, AdamW,
+(``leukemia_tf.training.train_lib.train``: augmentation, model, loss, AdamW,
 everything a real run does, with ``--strategy=default``), measured over the
 second of two epochs of ``--steps`` steps (the first absorbs tracing, XLA or
 cuDNN autotuning and the shuffle-buffer fill). Each run is a fresh process:
@@ -76,15 +76,15 @@ def _run_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import tensorflow as tf
 
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import inputs, train_lib
     from leukemia_tf.training.config import TrainConfig
 
     if spec["input"] == "memory":
         from bench_common import memory_input_fn
 
-        engine.train_input_fn = memory_input_fn(engine.train_input_fn)
+        inputs.train_input_fn = memory_input_fn(inputs.train_input_fn)
     config = TrainConfig(**spec["config"])
-    result = engine.train(config)
+    result = train_lib.train(config)
     seconds = result.history[-1]["epoch_time_s"]
     gpus = tf.config.list_physical_devices("GPU")
     details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}

@@ -1,6 +1,6 @@
 r"""Is training input-bound? A recipe's images/s with the real input pipeline vs from memory.
 
-Runs the package's own training loop (``leukemia_tf.training.engine.train``:
+Runs the package's own training loop (``leukemia_tf.training.train_lib.train``:
 augmentation, model, loss, optimizer, EMA, everything the recipe sets) twice
 per run, each in a fresh process, on the recipe given by ``--flagfile``:
 
@@ -54,13 +54,13 @@ def _run_child(spec_path: str) -> None:
     from bench_common import memory_input_fn
 
     from leukemia_tf.data import pipeline
-    from leukemia_tf.training import engine, model_factory
+    from leukemia_tf.training import inputs, model_factory, train_lib
     from leukemia_tf.training.config import parse_flagfile
 
     if spec["input"] == "memory":
-        engine.train_input_fn = memory_input_fn(engine.train_input_fn)
+        inputs.train_input_fn = memory_input_fn(inputs.train_input_fn)
     config = parse_flagfile(spec["flagfile"], spec["overrides"])
-    result = engine.train(config)
+    result = train_lib.train(config)
     # The engine's epoch: --steps_per_epoch, or the training split // batch size.
     steps = config.steps_per_epoch
     if not steps:

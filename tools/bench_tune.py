@@ -85,8 +85,9 @@ def main() -> int:
 
     build_sets(args.datasets, args.data_dir, Path(args.shared_data))
 
+    from leukemia_tf import rundir
     from leukemia_tf.training import config as config_lib
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
     from leukemia_tf.tuning import search_space, tune_lib
 
     out = Path(args.out)
@@ -114,11 +115,11 @@ def main() -> int:
     if not args.skip_baseline:
         baseline = dataclasses.replace(recipe, model_dir=str(out / "baseline"))
         start = time.time()
-        done = out / "baseline" / engine.SUMMARY
+        done = out / "baseline" / rundir.SUMMARY
         result = (
             json.loads(done.read_text())
             if done.exists()
-            else dataclasses.asdict(engine.train(baseline))
+            else dataclasses.asdict(train_lib.train(baseline))
         )
         report["baseline"] = {
             "val_macro_f1": result["best_metrics"].get("val_macro_f1"),

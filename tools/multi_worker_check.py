@@ -106,7 +106,7 @@ def _run_worker(spec_path: str) -> None:
     # Two cores are shared by every process of the check: one thread per op.
     tf.config.threading.set_intra_op_parallelism_threads(1)
     from leukemia_tf.training import config as config_lib
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     seen_path = Path(spec["seen"])
 
@@ -118,7 +118,7 @@ def _run_worker(spec_path: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     config = config_lib.TrainConfig(**spec["config"])
-    engine.train(config, callbacks=[record])
+    train_lib.train(config, callbacks=[record])
     if spec.get("weights"):
         import keras
 

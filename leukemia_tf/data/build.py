@@ -48,3 +48,25 @@ def build(
     )
     logging.info("Built %s in %s", builder.info.full_name, builder.data_dir)
     return builder
+
+
+def prepare_generated(specs, data_dir: str | None) -> None:
+    """Builds, like ``tfds.load`` would, the data sets among ``specs`` that need no download.
+
+    Sets downloaded by hand are never built here: the input pipeline's error
+    then says which ``build_data`` command to run.
+
+    Args:
+      specs: the parsed ``--datasets`` (:func:`leukemia_tf.data.pipeline.parse_datasets`).
+      data_dir: the TFDS data directory (``None``: TFDS's default).
+    """
+    import tensorflow_datasets as tfds
+
+    import tfds_builders  # noqa: F401  (registers the builders)
+
+    for spec in specs:
+        builder = tfds.builder(spec.name, data_dir=data_dir)
+        if builder.is_prepared() or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+            continue
+        print(f"Building the data set {spec.name} into {builder.data_dir} (first use) ...")
+        build(spec.name, data_dir=data_dir)

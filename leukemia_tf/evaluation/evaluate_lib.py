@@ -41,6 +41,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from leukemia_tf import rundir
 from leukemia_tf.data import pipeline
 from leukemia_tf.evaluation import aggregate as aggregate_lib
 from leukemia_tf.evaluation import calibration as calibration_lib
@@ -49,7 +50,6 @@ from leukemia_tf.evaluation import figures as figures_lib
 from leukemia_tf.evaluation import levels as levels_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
 from leukemia_tf.evaluation import report as report_lib
-from leukemia_tf.training import artifacts
 
 #: Files an evaluation writes into its output directory.
 METRICS_FILE = "metrics.json"
@@ -141,7 +141,7 @@ def check_split(
 
 # --------------------------------------------------------------- prediction
 def predict_split(
-    trained: artifacts.TrainedModel,
+    trained: rundir.TrainedModel,
     specs: Sequence[pipeline.DataSpec],
     split: str,
     data_dir: str | None,
@@ -216,7 +216,7 @@ def predict_split(
 
 # -------------------------------------------------------------- calibration
 def _fit_temperature(
-    trained: artifacts.TrainedModel, predictions: SplitPredictions
+    trained: rundir.TrainedModel, predictions: SplitPredictions
 ) -> tuple[float, float, float]:
     """Fits T on ``predictions``; returns ``(T, nll at T=1, nll at T)``."""
     outputs = {k: tf.constant(v) for k, v in predictions.outputs.items()}
@@ -231,7 +231,7 @@ def _fit_temperature(
 
 
 def _calibration_section(
-    trained: artifacts.TrainedModel,
+    trained: rundir.TrainedModel,
     specs: Sequence[pipeline.DataSpec],
     split: str,
     data_dir: str | None,
@@ -294,7 +294,7 @@ def _calibration_section(
                     "stored (calibration.json belongs to the single-view model that export serves)"
                 )
             elif which == "best":
-                artifacts.write_temperature(
+                rundir.write_temperature(
                     trained.model_dir,
                     temperature,
                     fitted_on=val_split,
@@ -420,7 +420,7 @@ def _safe(name: str) -> str:
 
 
 def _explanations(
-    trained: artifacts.TrainedModel,
+    trained: rundir.TrainedModel,
     sampler: explain_lib.ExampleSampler,
     out_dir: Path,
 ) -> dict:
@@ -520,11 +520,11 @@ def default_out_dir(
     """
     name = f"eval_{_safe(split)}"
     if which != "best":
-        stem = artifacts.basename(which)
+        stem = rundir.basename(which)
         name += f"_{_safe(stem.removesuffix('.keras'))}"
     if tta:
         name += "_tta"
-    return artifacts.join(model_dir, name)
+    return rundir.join(model_dir, name)
 
 
 def evaluate(
@@ -572,7 +572,7 @@ def evaluate(
         classes differ from the model's.
     """
     start = time.time()
-    model_dir = artifacts.check_model_dir(model_dir)
+    model_dir = rundir.check_model_dir(model_dir)
     if bootstrap < 0:
         raise ValueError(f"--bootstrap={bootstrap} must be >= 0")
     if explain_samples < 0:
@@ -592,19 +592,19 @@ def evaluate(
         tta=tta,
         start=start,
     )
-    if not artifacts.is_remote(target):
+    if not rundir.is_remote(target):
         return _evaluate(model_dir, Path(target), **options)
     # matplotlib and the report writer write local files: stage them, then copy up.
     with tempfile.TemporaryDirectory(prefix="leukemia_tf_eval_") as staging:
         result = _evaluate(model_dir, Path(staging), **options)
-        explanations = artifacts.join(target, "explanations")
+        explanations = rundir.join(target, "explanations")
         if os.path.isdir(os.path.join(staging, "explanations")) and tf.io.gfile.isdir(explanations):
             tf.io.gfile.rmtree(explanations)  # an earlier evaluation's maps
-        artifacts.copy_tree(staging, target)
+        rundir.copy_tree(staging, target)
     result.update(
         out_dir=target,
-        metrics_path=artifacts.join(target, METRICS_FILE),
-        report_path=artifacts.join(target, REPORT_FILE),
+        metrics_path=rundir.join(target, METRICS_FILE),
+        report_path=rundir.join(target, REPORT_FILE),
     )
     return result
 
@@ -625,7 +625,7 @@ def _evaluate(
     start: float,
 ) -> dict:
     """:func:`evaluate` into the local folder ``out_dir``."""
-    trained = artifacts.load_trained_model(model_dir, which=which, tta=tta)
+    trained = rundir.load_trained_model(model_dir, which=which, tta=tta)
     config = trained.config
     data_dir = data_dir or config.data_dir or None
     specs = pipeline.parse_datasets(config.datasets)
@@ -638,7 +638,7 @@ def _evaluate(
         raise ValueError(
             f"the data ({config.datasets} in {data_dir or 'the TFDS default data_dir'}) have "
             f"classes {data_classes}, but the model in {model_dir} predicts {class_names} "
-            f"({artifacts.join(model_dir, artifacts.LABELS_FILE)}): evaluate it on the data it "
+            f"({rundir.join(model_dir, rundir.LABELS_FILE)}): evaluate it on the data it "
             "was trained for"
         )
     out_dir.mkdir(parents=True, exist_ok=True)

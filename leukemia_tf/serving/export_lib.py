@@ -12,7 +12,7 @@ Layout (TF Serving's: one integer folder per version under the base path)::
       assets/export.json                 what was exported: source, temperature, signatures
       assets.extra/tf_serving_warmup_requests
 
-The graph is always float32: ``artifacts.load_trained_model(float32=True)``
+The graph is always float32: ``rundir.load_trained_model(float32=True)``
 rebuilds the model under the float32 policy, also for a model trained in
 ``mixed_float16`` / ``mixed_bfloat16``, so a CPU server (or a GPU without
 bf16) serves it at full precision. Signatures: see
@@ -39,8 +39,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from leukemia_tf import rundir
 from leukemia_tf.serving import signatures, warmup
-from leukemia_tf.training import artifacts
 
 #: Format of ``assets/export.json`` (bump on an incompatible change).
 EXPORT_FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ def next_version(export_dir: str | os.PathLike) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def _stage_assets(trained: artifacts.TrainedModel, staging: Path, metadata: dict) -> dict[str, str]:
+def _stage_assets(trained: rundir.TrainedModel, staging: Path, metadata: dict) -> dict[str, str]:
     """Writes the asset files into ``staging``; returns ``{name: path}``."""
     files = {}
     labels = staging / LABELS_ASSET
@@ -109,7 +109,7 @@ def _stage_assets(trained: artifacts.TrainedModel, staging: Path, metadata: dict
 
 
 def _verify(
-    path: str, trained: artifacts.TrainedModel, images: Sequence[bytes], temperature: float
+    path: str, trained: rundir.TrainedModel, images: Sequence[bytes], temperature: float
 ) -> float:
     """Reloads the export and compares it with the Keras model on ``images``.
 
@@ -178,9 +178,9 @@ def export_model(
       ValueError: a bad ``version``.
       ExportError: the reloaded export does not match the Keras model.
     """
-    model_dir = artifacts.check_model_dir(model_dir)
+    model_dir = rundir.check_model_dir(model_dir)
     export_dir = os.fspath(export_dir)
-    if not artifacts.is_remote(export_dir):
+    if not rundir.is_remote(export_dir):
         export_dir = os.path.abspath(os.path.expanduser(export_dir))
     if version is None:
         version = next_version(export_dir)
@@ -193,11 +193,11 @@ def export_model(
             f"write version {next_version(export_dir)}"
         )
     if apply_temperature:
-        artifacts.check_calibration(model_dir)
+        rundir.check_calibration(model_dir)
     if write_warmup:
         warmup.check_available()  # fail before the slow part
 
-    trained = artifacts.load_trained_model(model_dir, which=which, float32=True)
+    trained = rundir.load_trained_model(model_dir, which=which, float32=True)
     temperature = trained.temperature if apply_temperature else 1.0
     # Real images for the warmup requests and the check of the reloaded export.
     if warmup_images:

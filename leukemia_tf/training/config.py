@@ -4,15 +4,14 @@ Every field carries its flag's help text (``help``) and, for enumerations, the
 allowed values (``choices``). :func:`define_flags` declares one absl flag per
 field, so ``train.py`` and ``tune.py`` share them; :meth:`TrainConfig.from_flags`
 reads them back, :meth:`TrainConfig.validate` checks every value (an error
-names the flag and the allowed values), and :meth:`TrainConfig.save` writes the
-resolved config (JSON) and an equivalent flagfile into ``model_dir`` so that
-every run can be reproduced.
+names the flag and the allowed values), and :meth:`TrainConfig.to_flagfile`
+gives the flags that reproduce it (:func:`leukemia_tf.rundir.write_config`
+writes both into every run directory).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -169,6 +168,11 @@ class TrainConfig:
         "Start afresh in model_dir: delete its previous run (a finished run is otherwise "
         "refused, and an unfinished one resumed).",
     )
+    override_flags: bool = _field(
+        False,
+        "Resume an unfinished run in model_dir with flags that differ from the ones it was "
+        "started with (otherwise refused, naming the differences).",
+    )
     verbose: int = _field(1, "0: quiet, 1: progress bar per epoch, 2: one line per epoch.")
 
     # ----------------------------------------------------------------- I/O
@@ -187,25 +191,6 @@ class TrainConfig:
             raise ConfigError(f"unknown config keys {sorted(unknown)}")
         return cls(**values)
 
-    @classmethod
-    def load(cls, model_dir: str | os.PathLike) -> TrainConfig:
-        """Reads the config a training run wrote into ``model_dir`` (local or gs://)."""
-        model_dir = os.fspath(model_dir)
-        if _is_url(model_dir):
-            import tensorflow as tf  # only for remote paths: keep this module light
-
-            path = f"{model_dir.rstrip('/')}/config.json"
-            if not tf.io.gfile.exists(path):
-                raise FileNotFoundError(
-                    f"{path} not found: is {model_dir} a leukemia_tf model_dir?"
-                )
-            with tf.io.gfile.GFile(path) as f:
-                return cls.from_dict(json.loads(f.read()))
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {model_dir} a leukemia_tf model_dir?")
-        return cls.from_dict(json.loads(path.read_text()))
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -219,30 +204,6 @@ class TrainConfig:
             else:
                 lines.append(f"--{name}={value}")
         return "\n".join(lines) + "\n"
-
-    def save(self, model_dir: str | os.PathLike) -> None:
-        """Writes ``config.json`` and ``flags.txt`` into ``model_dir`` (local or gs://)."""
-        model_dir = os.fspath(model_dir)
-        files = {
-            "config.json": json.dumps(self.to_dict(), indent=2) + "\n",
-            "flags.txt": "# Resolved configuration of this run. Reproduce it with:\n"
-            f"#   python -m leukemia_tf.train --flagfile={os.path.join(model_dir, 'flags.txt')}\n"
-            + self.to_flagfile(),
-        }
-        if _is_url(model_dir):
-            import tensorflow as tf  # only for remote paths: keep this module light
-
-            tf.io.gfile.makedirs(model_dir)
-            for name, text in files.items():
-                path = f"{model_dir.rstrip('/')}/{name}"
-                if tf.io.gfile.exists(path):
-                    tf.io.gfile.remove(path)  # TF's ram:// appends on "w"
-                with tf.io.gfile.GFile(path, "w") as f:
-                    f.write(text)
-            return
-        Path(model_dir).mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (Path(model_dir) / name).write_text(text)
 
     # ----------------------------------------------------------- validation
     def parsed_level_weights(self) -> list[float] | None:

@@ -22,10 +22,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from leukemia_tf.rundir import WORKERS_DIR
 from leukemia_tf.training.config import check_tpu_config, targets_tpu
 
 __all__ = [
-    "WORKERS_DIR",
     "check_tpu_config",
     "check_workers_agree",
     "is_chief",
@@ -37,9 +37,6 @@ __all__ = [
     "targets_tpu",
     "worker_dir",
 ]
-
-#: Scratch space of the non-chief workers inside model_dir (deleted at the end).
-WORKERS_DIR = ".workers"
 
 
 def _num_gpus() -> int:
@@ -125,7 +122,7 @@ def worker_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
     Under multi-worker training every worker must take part in saving (the
     values are gathered collectively), but only the chief's files are kept:
     a non-chief worker writes into ``model_dir/.workers/<task>_<id>``, which
-    the engine empties after every save and deletes at the end
+    the training loop empties after every save and deletes at the end
     (:func:`remove_worker_dir`), as Keras's own multi-worker callbacks do.
     """
     if is_chief(strategy):

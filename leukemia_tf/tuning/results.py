@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from leukemia_tf.training.config import TrainConfig
+from leukemia_tf import rundir
 from leukemia_tf.tuning import search_space
 from leukemia_tf.tuning import tuner as tuner_lib
 
@@ -93,10 +93,10 @@ def collect_rows(oracle, trials_dir: str, objective: str) -> list[TrialRow]:
     rows = []
     for trial_id, trial in oracle.trials.items():
         model_dir = os.path.join(trials_dir, str(trial_id))
-        info = tuner_lib.read_json(os.path.join(model_dir, tuner_lib.TRIAL_INFO)) or {}
+        info = rundir.read_json(os.path.join(model_dir, tuner_lib.TRIAL_INFO)) or {}
         target = info.get("target_epochs")
         history = [
-            r for r in tuner_lib.read_history(model_dir) if target is None or r["epoch"] < target
+            r for r in rundir.read_history(model_dir) if target is None or r["epoch"] < target
         ]
         status = str(trial.status)
         completed = status == COMPLETED
@@ -256,7 +256,7 @@ def write_best(
       The path of ``best.flags``.
     """
     trial_dir = os.path.join(trials_dir, row.trial_id)
-    config = TrainConfig.load(trial_dir)
+    config = rundir.read_config(trial_dir)
     model_dir = os.path.join(tune_dir, BEST_MODEL_DIR)
     config = dataclasses.replace(config, model_dir=model_dir, overwrite=False)
     path = os.path.join(tune_dir, BEST_FLAGS)

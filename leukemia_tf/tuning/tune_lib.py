@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from leukemia_tf import rundir
 from leukemia_tf.training.config import ConfigError, TrainConfig
 from leukemia_tf.tuning import results as results_lib
 from leukemia_tf.tuning import search_space
@@ -197,7 +198,7 @@ def prepare_tune_dir(base: TrainConfig, search: search_space.SearchConfig, space
     config_path = os.path.join(tune_dir, TUNE_CONFIG)
     current = _describe_search(base, search, space)
     if search.resume:
-        saved = tuner_lib.read_json(config_path)
+        saved = rundir.read_json(config_path)
         if saved is None:
             raise TuneDirError(
                 f"--resume: --tune_dir={tune_dir!r} holds no search to resume ({TUNE_CONFIG} not "
@@ -215,7 +216,7 @@ def prepare_tune_dir(base: TrainConfig, search: search_space.SearchConfig, space
         return
     if not _is_empty_dir(tune_dir):
         what = (
-            f"the search started {tuner_lib.read_json(config_path).get('created')}"
+            f"the search started {rundir.read_json(config_path).get('created')}"
             if tf.io.gfile.exists(config_path)
             else f"{len(tf.io.gfile.listdir(tune_dir))} entries"
         )
@@ -235,7 +236,7 @@ def prepare_tune_dir(base: TrainConfig, search: search_space.SearchConfig, space
     tf.io.gfile.makedirs(trials_dir)
     tuner_lib.write_hparams_config(trials_dir, space)
     # Written last: workers wait for it before they join the search.
-    tuner_lib._write_json(config_path, current)
+    rundir.write_json(config_path, current)
 
 
 def _wait_for_chief(
@@ -251,7 +252,7 @@ def _wait_for_chief(
                 "(KERASTUNER_TUNER_ID=chief) with the same --tune_dir, which must be shared"
             )
         time.sleep(1.0)
-    diff = _differences(tuner_lib.read_json(config_path), _describe_search(base, search, space))
+    diff = _differences(rundir.read_json(config_path), _describe_search(base, search, space))
     if diff:
         raise TuneDirError(
             f"worker {os.environ.get('KERASTUNER_TUNER_ID')}: its flags differ from the chief's "
@@ -392,14 +393,14 @@ def retrain_config(tune_dir: str) -> TrainConfig:
     Raises:
       FileNotFoundError: the search has no completed trial (no ``best_trial.json``).
     """
-    best = tuner_lib.read_json(os.path.join(tune_dir, results_lib.BEST_TRIAL))
+    best = rundir.read_json(os.path.join(tune_dir, results_lib.BEST_TRIAL))
     if best is None:
         raise FileNotFoundError(
             f"--retrain_best: {os.path.join(tune_dir, results_lib.BEST_TRIAL)} not found: the "
             "search has no completed trial yet"
         )
     # The trial's folder under this tune_dir (the search may have been moved).
-    config = TrainConfig.load(os.path.join(tune_dir, tuner_lib.TRIALS_DIR, best["trial_id"]))
+    config = rundir.read_config(os.path.join(tune_dir, tuner_lib.TRIALS_DIR, best["trial_id"]))
     epochs = int(best["best_epoch"]) + 1
     splits = [s for s in (config.train_split, config.val_split) if s]
     return dataclasses.replace(
@@ -427,19 +428,20 @@ def retrain_best(tune_dir: str, export_dir: str | None = None):
     Returns:
       ``(TrainResult or None when reused, ExportResult)``.
     """
+    from leukemia_tf import rundir
     from leukemia_tf.serving import export_lib
-    from leukemia_tf.training import engine
+    from leukemia_tf.training import train_lib
 
     config = retrain_config(tune_dir)
     train_result = None
-    if tf.io.gfile.exists(os.path.join(config.model_dir, engine.SUMMARY)):
+    if tf.io.gfile.exists(os.path.join(config.model_dir, rundir.SUMMARY)):
         print(f"Reusing the finished retraining in {config.model_dir}.")
     else:
         print(
             f"Retraining the best configuration on {config.train_split} for {config.epochs} "
             f"epochs into {config.model_dir} ..."
         )
-        train_result = engine.train(config)
+        train_result = train_lib.train(config)
     export_result = export_lib.export_model(
         config.model_dir,
         export_dir or os.path.join(tune_dir, EXPORT_DIR),

@@ -3,10 +3,10 @@ every trial with the package's own training engine.
 
 Why a ``Tuner`` subclass with its own ``run_trial`` (KerasTuner's documented
 route for custom training loops) rather than ``HyperModel.fit``: the engine
-(:func:`leukemia_tf.training.engine.train`) is a ``strategy.run`` loop, not
+(:func:`leukemia_tf.training.train_lib.train`) is a ``strategy.run`` loop, not
 ``Model.fit``; it builds the model, the input pipeline, the augmentation, the
 precision policy and the strategy from a ``TrainConfig``, so a trial is just
-``engine.train(trial_config)``.
+``train_lib.train(trial_config)``.
 
 Hyperband's epoch budgets are real: every trial of a search trains on the
 same learning-rate schedule (``--epochs`` long) and is stopped after the
@@ -22,10 +22,8 @@ records that epoch as the trial's ``best_step``.
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import gc
-import json
 import math
 import os
 import socket
@@ -36,6 +34,7 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
+from leukemia_tf import rundir
 from leukemia_tf.training import model_factory
 from leukemia_tf.training.config import ConfigError, TrainConfig
 from leukemia_tf.tuning import search_space
@@ -62,10 +61,6 @@ HPARAMS_METRICS = (
     ("loss", "train", "train_loss"),
     ("accuracy", "train", "train_accuracy"),
 )
-
-
-class _EpochBudgetReached(Exception):
-    """Raised from the engine's epoch callback to stop a trial at its Hyperband budget."""
 
 
 # --------------------------------------------------------------------- memory
@@ -125,56 +120,21 @@ def rss_mb() -> float | None:
 
 
 # ----------------------------------------------------------------- files
-def _write_json(path: str, data: Mapping) -> None:
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def read_json(path: str) -> dict | None:
-    """Reads a JSON file, or returns None when it does not exist."""
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.loads(f.read())
-
-
-def read_history(model_dir: str) -> list[dict]:
-    """The rows of a training run's ``history.csv`` (empty if none)."""
-    from leukemia_tf.training import engine
-
-    path = os.path.join(model_dir, engine.HISTORY_CSV)
-    if not tf.io.gfile.exists(path):
-        return []
-    with tf.io.gfile.GFile(path) as f:
-        rows = list(csv.DictReader(f))
-    return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in rows]
-
-
 def _copy_run(src: str, dst: str) -> None:
     """Copies a training run's model_dir (local or gs://) to a new one, atomically.
 
-    The source's trial bookkeeping and its HParams session summary (the event
-    files directly in ``logs/``) stay behind: the copy is a new trial.
+    The source's trial bookkeeping, its HParams session summary (the event
+    files directly in ``logs/``) and its lock stay behind: the copy is a new trial.
     """
     tmp = dst.rstrip("/") + ".copying"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    src_logs = os.path.join(src, "logs")
-    for root, _, files in tf.io.gfile.walk(src):
-        rel = os.path.relpath(root, src)
-        target = tmp if rel == "." else os.path.join(tmp, rel)
-        tf.io.gfile.makedirs(target)
-        for name in files:
-            if root == src and name == TRIAL_INFO:
-                continue
-            if os.path.normpath(root) == os.path.normpath(src_logs):
-                continue
-            tf.io.gfile.copy(os.path.join(root, name), os.path.join(target, name), overwrite=True)
-    if tf.io.gfile.exists(dst):
-        # Left by an earlier attempt of this trial that failed before training.
-        tf.io.gfile.rmtree(dst)
+    rundir.remove(tmp)
+
+    def skip(parts: list[str], name: str) -> bool:
+        return parts == [rundir.LOGS_DIR] or (not parts and name in (TRIAL_INFO, rundir.LOCK_FILE))
+
+    rundir.copy_tree(src, tmp, skip=skip)
+    # Left by an earlier attempt of this trial that failed before training.
+    rundir.remove(dst)
     tf.io.gfile.rename(tmp, dst, overwrite=True)
 
 
@@ -363,40 +323,37 @@ class EngineTuner(keras_tuner.Tuner):
             rss = rss_mb()
             info["rss_mb"] = None if rss is None else round(rss, 1)
             tf.io.gfile.makedirs(model_dir)
-            _write_json(os.path.join(model_dir, TRIAL_INFO), info)
+            rundir.write_json(os.path.join(model_dir, TRIAL_INFO), info)
             if info["status"] == "failed":
                 print(f"Trial {trial.trial_id} failed: {info['reason']}")
 
     def _train(
         self, trial, config: TrainConfig, target: int, past: str | None, info: dict
     ) -> keras.callbacks.History:
-        from leukemia_tf.training import engine
+        from leukemia_tf.training import train_lib
 
         model_dir = config.model_dir
         if past is not None and not tf.io.gfile.exists(os.path.join(model_dir, "config.json")):
             # A later Hyperband round: continue the earlier trial's run.
             _copy_run(self.trial_dir(past), model_dir)
         tf.io.gfile.makedirs(model_dir)
-        _write_json(os.path.join(model_dir, TRIAL_INFO), info)
+        rundir.write_json(os.path.join(model_dir, TRIAL_INFO), info)
         self._write_hparams(trial, model_dir)
 
-        finished = tf.io.gfile.exists(os.path.join(model_dir, engine.SUMMARY))
-        if not finished and len(read_history(model_dir)) < target:
+        finished = tf.io.gfile.exists(os.path.join(model_dir, rundir.SUMMARY))
+        if not finished and len(rundir.read_history(model_dir)) < target:
             stop_early = target < config.epochs
 
-            def on_epoch_end(epoch: int, logs: dict) -> None:
+            def on_epoch_end(epoch: int, logs: dict) -> bool:
                 for callback in self.epoch_callbacks:
                     callback(trial.trial_id, epoch, logs)
                 self.on_epoch_end(trial, None, epoch, logs=logs)
-                if stop_early and epoch + 1 >= target:
-                    raise _EpochBudgetReached
+                # The trial's Hyperband budget: pause the run there, resumable.
+                return stop_early and epoch + 1 >= target
 
-            try:
-                engine.train(config, callbacks=[on_epoch_end])
-            except _EpochBudgetReached:
-                pass
+            train_lib.train(config, callbacks=[on_epoch_end])
 
-        rows = [r for r in read_history(model_dir) if r["epoch"] < target]
+        rows = [r for r in rundir.read_history(model_dir) if r["epoch"] < target]
         if not rows:
             raise RuntimeError(f"trial {trial.trial_id}: no epoch finished in {model_dir}")
         objective = self.oracle.objective.name
@@ -433,10 +390,8 @@ class EngineTuner(keras_tuner.Tuner):
     # ------------------------------------------------------------- models
     def load_model(self, trial) -> keras.Model:
         """The best checkpoint (``best.keras``) of a trial."""
-        from leukemia_tf.training import engine
-
-        return keras.saving.load_model(
-            os.path.join(self.trial_dir(trial.trial_id), engine.BEST_MODEL), compile=False
+        return rundir.load_keras(
+            rundir.join(self.trial_dir(trial.trial_id), rundir.BEST_MODEL), compile=False
         )
 
     def save_model(self, trial_id, model, step=0) -> None:
