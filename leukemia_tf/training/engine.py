@@ -292,8 +292,10 @@ def _prepare_generated_datasets(specs, data_dir: str | None) -> None:
     """
     import tensorflow_datasets as tfds
 
-    import tfds_builders  # noqa: F401  (registers the builders)
     from leukemia_tf.data import build as build_lib
+    from leukemia_tf.data.registry import register_builders
+
+    register_builders()
 
     for spec in specs:
         builder = tfds.builder(spec.name, data_dir=data_dir)
