@@ -6,6 +6,8 @@ import os
 
 from absl import logging
 
+from leukemia_tf.data.registry import register_builders
+
 
 def build(
     dataset: str,
@@ -25,8 +27,7 @@ def build(
     """
     import tensorflow_datasets as tfds
 
-    import tfds_builders  # noqa: F401  (registers the builders)
-
+    known = register_builders()
     if manual_dir is not None:
         manual_dir = os.path.expanduser(manual_dir)
     if data_dir is not None and not data_dir.startswith("gs://"):
@@ -35,8 +36,7 @@ def build(
         builder = tfds.builder(dataset, data_dir=data_dir, skip_bad_files=skip_bad_files)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(
-            f"--dataset={dataset!r} is not a known builder; known: "
-            f"{', '.join(tfds_builders.BUILDERS)}"
+            f"--dataset={dataset!r} is not a known builder; known: {', '.join(known)}"
         ) from e
     mode = (
         tfds.download.GenerateMode.FORCE_REDOWNLOAD
@@ -62,8 +62,7 @@ def prepare_generated(specs, data_dir: str | None) -> None:
     """
     import tensorflow_datasets as tfds
 
-    import tfds_builders  # noqa: F401  (registers the builders)
-
+    register_builders()
     for spec in specs:
         builder = tfds.builder(spec.name, data_dir=data_dir)
         if builder.is_prepared() or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:

@@ -184,7 +184,9 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None) -> tfds.co
       DatasetNotBuiltError: the data set is not built there; the message gives
         the exact build command.
     """
-    import tfds_builders  # registers the project's builders with TFDS
+    from leukemia_tf.data.registry import register_builders
+
+    known = register_builders()  # registers the project's builders with TFDS
 
     data_dir = _data_dir(data_dir)
     try:
@@ -192,7 +194,7 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None) -> tfds.co
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"unknown data set {name!r}; this package's builders: "
-            f"{', '.join(tfds_builders.BUILDERS)} (any TFDS data set name also works)"
+            f"{', '.join(known)} (any TFDS data set name also works)"
         ) from None
     if not builder.is_prepared():
         where = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR

@@ -217,11 +217,11 @@ def check_groups_in_one_split(by_split: Mapping[str, Sequence[common.Record]]) -
     splits.check_no_group_leak(split_of, group_of)
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(common.CellImageBuilder):
     """Blood-smear fields and single-cell crops of ALL patients and healthy subjects."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LABEL_NAMES = _NAMES
+    HOMEPAGE = _HOMEPAGE
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(
@@ -234,27 +234,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         ),
     ]
 
-    def __init__(self, *, skip_bad_files: bool = False, **kwargs):
-        self._skip_bad_files = skip_bad_files
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        extra = {}
-        if self.builder_config.name == "idb1":
-            extra["blast_centers"] = tfds.features.Tensor(
+    def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        if self.builder_config.name != "idb1":
+            return {}
+        return {
+            "blast_centers": tfds.features.Tensor(
                 shape=(None, 2),
                 dtype=np.int32,
                 doc="(x, y) = (column, row) of each blast centroid, as in the .xyc file; "
                 "empty for '_0' fields and fields without a centroid file.",
             )
-        return self.dataset_info_from_configs(
-            features=common.cell_features(_NAMES, extra=extra),
-            supervised_keys=("image", "label"),
-            homepage=_HOMEPAGE,
-        )
+        }
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = common.require_manual_dir(dl_manager.manual_dir, self.name, _INSTRUCTIONS)
+    def _split_records(self, manual_dir: Path) -> dict[str, list[common.Record]]:
         records = collect_records(
             manual_dir, self.builder_config.name, self.name, self._skip_bad_files
         )
@@ -262,11 +254,4 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         # overlapping fields and repeated cells together.
         by_split = common.assign_splits(records)
         check_groups_in_one_split(by_split)
-        return common.split_generators(
-            by_split, self._generate_examples, self.name, self._skip_bad_files
-        )
-
-    def _generate_examples(self, records, collector=None, finish=True):
-        yield from common.generate_examples(
-            records, self.name, self._skip_bad_files, collector=collector, finish=finish
-        )
+        return by_split

@@ -93,43 +93,21 @@ def read_annotations(path: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(common.CellImageBuilder):
     """Expert-labelled single-cell images from peripheral-blood smears, 15 classes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LABEL_NAMES = CLASS_CODES
+    HOMEPAGE = _HOMEPAGE
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
-    def __init__(self, *, skip_bad_files: bool = False, **kwargs):
-        self._skip_bad_files = skip_bad_files
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.cell_features(
-                CLASS_CODES,
-                # The TCIA re-annotations of 1,905 images (inter-/intra-rater
-                # variability); "" where an image was not re-annotated or
-                # annotations.dat was not given. May be "UNC" (unassignable).
-                extra={
-                    "reannotation_1": tfds.features.Text(),
-                    "reannotation_2": tfds.features.Text(),
-                },
-            ),
-            supervised_keys=("image", "label"),
-            homepage=_HOMEPAGE,
-        )
-
-    def _anchor(self, manual_dir: Path) -> Path:
-        # Any folder with class-code sub-folders: a user may have only some
-        # classes (e.g. a subset re-encoded as JPEG).
-        return common.find_single_anchor_dir(
-            manual_dir,
-            lambda d: bool(set(CLASS_CODES) & common.subdir_names(d)),
-            self.name,
-            f"folder holding class folders named by the codes {list(CLASS_CODES)}",
-            _INSTRUCTIONS,
-        )
+    def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        # The TCIA re-annotations of 1,905 images (inter-/intra-rater
+        # variability); "" where an image was not re-annotated or
+        # annotations.dat was not given. May be "UNC" (unassignable).
+        return {
+            "reannotation_1": tfds.features.Text(),
+            "reannotation_2": tfds.features.Text(),
+        }
 
     def _annotations(self, manual_dir: Path) -> Mapping[str, tuple[str, str]]:
         found = sorted(
@@ -153,9 +131,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             )
         return read_annotations(found[0])
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = common.require_manual_dir(dl_manager.manual_dir, self.name, _INSTRUCTIONS)
-        root = self._anchor(manual_dir)
+    def _split_records(self, manual_dir: Path) -> dict[str, list[common.Record]]:
+        # Any folder with class-code sub-folders: a user may have only some
+        # classes (e.g. a subset re-encoded as JPEG).
+        root = self._find_single_anchor(
+            manual_dir,
+            lambda d: bool(set(CLASS_CODES) & common.subdir_names(d)),
+            f"folder holding class folders named by the codes {list(CLASS_CODES)}",
+        )
         annotations = self._annotations(manual_dir)
         records = []
         by_key: dict[str, Path] = {}
@@ -181,11 +164,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                         extra={"reannotation_1": reannotation_1, "reannotation_2": reannotation_2},
                     )
                 )
-        if not records:
-            raise common.ManualDirError(
-                f"{self.name}: the class folders under {root} hold no image files. "
-                f"{_INSTRUCTIONS.strip()}"
-            )
+        self._require_images(records, root)
         if annotations:
             matched = sum(_annotation_key(r.file_name) in annotations for r in records)
             logging.info(
@@ -196,12 +175,4 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 ANNOTATIONS_FILE,
             )
         # annotations.dat has no patient or slide column: image-level splits only.
-        by_split = common.assign_splits(records)
-        return common.split_generators(
-            by_split, self._generate_examples, self.name, self._skip_bad_files
-        )
-
-    def _generate_examples(self, records, collector=None, finish=True):
-        yield from common.generate_examples(
-            records, self.name, self._skip_bad_files, collector=collector, finish=finish
-        )
+        return common.assign_splits(records)

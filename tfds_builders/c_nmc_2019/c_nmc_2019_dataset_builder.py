@@ -293,43 +293,24 @@ def _warn_on_leaks(by_split: Mapping[str, Sequence[common.Record]], dataset: str
         )
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(common.CellImageBuilder):
     """Segmented single cells: B-ALL blasts ("all") and normal B-lymphoid cells ("hem")."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LABEL_NAMES = _NAMES
+    HOMEPAGE = _HOMEPAGE
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
-    def __init__(self, *, skip_bad_files: bool = False, **kwargs):
-        self._skip_bad_files = skip_bad_files
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.cell_features(
-                _NAMES,
-                extra={
-                    "fold": tfds.features.Scalar(
-                        dtype=np.int32,
-                        doc="Official training fold 0-2; -1 outside the train split.",
-                    ),
-                    "original_name": tfds.features.Text(
-                        doc="The cell's UID_... file name; '' in the test split (not released)."
-                    ),
-                },
+    def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        return {
+            "fold": tfds.features.Scalar(
+                dtype=np.int32,
+                doc="Official training fold 0-2; -1 outside the train split.",
             ),
-            supervised_keys=("image", "label"),
-            homepage=_HOMEPAGE,
-        )
+            "original_name": tfds.features.Text(
+                doc="The cell's UID_... file name; '' in the test split (not released)."
+            ),
+        }
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = common.require_manual_dir(dl_manager.manual_dir, self.name, _INSTRUCTIONS)
-        by_split = collect_records(manual_dir, self.name, self._skip_bad_files)
-        return common.split_generators(
-            by_split, self._generate_examples, self.name, self._skip_bad_files
-        )
-
-    def _generate_examples(self, records, collector=None, finish=True):
-        yield from common.generate_examples(
-            records, self.name, self._skip_bad_files, collector=collector, finish=finish
-        )
+    def _split_records(self, manual_dir: Path) -> dict[str, list[common.Record]]:
+        # The official splits, as published.
+        return collect_records(manual_dir, self.name, self._skip_bad_files)

@@ -10,7 +10,8 @@ this set to claim accuracy.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Iterable
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -124,29 +125,31 @@ def draw(cell: PlannedCell, image_size: int) -> np.ndarray:
     )
 
 
+def _record(cell: PlannedCell) -> common.Record:
+    # Generated, not read: the record's path is the virtual file name.
+    return common.Record(
+        path=PurePosixPath(cell.file_name),  # type: ignore[arg-type]
+        label=cell.diagnosis,
+        file_name=cell.file_name,
+        patient_id=cell.patient_id,
+        slide_id=cell.slide_id,
+    )
+
+
 def split_plan(cells_: Iterable[PlannedCell]) -> dict[str, list[PlannedCell]]:
     """Grouped by patient, stratified by diagnosis, deterministic (``common.assign_splits``)."""
     by_name = {c.file_name: c for c in cells_}
-    records = [
-        # Generated, not read: the record's path is the virtual file name.
-        common.Record(
-            path=PurePosixPath(c.file_name),  # type: ignore[arg-type]
-            label=c.diagnosis,
-            file_name=c.file_name,
-            patient_id=c.patient_id,
-            slide_id=c.slide_id,
-        )
-        for c in by_name.values()
-    ]
-    by_split = common.assign_splits(records)
+    by_split = common.assign_splits([_record(c) for c in by_name.values()])
     return {split: [by_name[r.file_name] for r in recs] for split, recs in by_split.items()}
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(common.CellImageBuilder):
     """SYNTHETIC blood-smear cells of six diagnoses, drawn offline; never for accuracy claims."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LABEL_NAMES = CLASS_NAMES
+    # No MANUAL_DOWNLOAD_INSTRUCTIONS: generated, nothing to download, no manual_dir.
+    # `skip_bad_files` is accepted for a uniform builder interface; generated
+    # images are never bad.
     BUILDER_CONFIGS = [
         SyntheticConfig(
             name="default",
@@ -160,33 +163,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     ]
     DEFAULT_CONFIG_NAME = "default"
 
-    def __init__(self, *, skip_bad_files: bool = False, **kwargs):
-        # Accepted for a uniform builder interface; generated images are never bad.
-        self._skip_bad_files = skip_bad_files
-        super().__init__(**kwargs)
+    @functools.cached_property
+    def _planned(self) -> dict[str, PlannedCell]:
+        """This config's cells by file name (the record's key)."""
+        return {c.file_name: c for c in plan(self.builder_config)}
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.cell_features(CLASS_NAMES),
-            supervised_keys=("image", "label"),
+    def _split_records(self, manual_dir: None) -> dict[str, list[common.Record]]:
+        del manual_dir  # Generated: nothing to download.
+        return {
+            split: [_record(c) for c in planned]
+            for split, planned in split_plan(self._planned.values()).items()
+        }
+
+    def _encode(self, record: common.Record) -> bytes:
+        return cells.encode_png(
+            draw(self._planned[record.file_name], self.builder_config.image_size)
         )
-
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager  # Generated: nothing to download, no manual_dir.
-        by_split = split_plan(plan(self.builder_config))
-        return {split: self._generate_examples(recs) for split, recs in by_split.items()}
-
-    def _generate_examples(self, planned: list[PlannedCell]) -> Iterator[tuple[str, dict]]:
-        size = self.builder_config.image_size
-        for cell in planned:
-            yield (
-                cell.file_name,
-                {
-                    "image": cells.encode_png(draw(cell, size)),
-                    "label": cell.diagnosis,
-                    "patient_id": cell.patient_id,
-                    "slide_id": cell.slide_id,
-                    "source": self.name,
-                    "file_name": cell.file_name,
-                },
-            )

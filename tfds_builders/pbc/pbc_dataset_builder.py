@@ -59,65 +59,29 @@ def file_subtype(file_name: str) -> str:
     return match.group(1).upper() if match else ""
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(common.CellImageBuilder):
     """Single-cell images of normal peripheral blood (CellaVision DM96), 8 classes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LABEL_NAMES = _NAMES
+    HOMEPAGE = _HOMEPAGE
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
-    def __init__(self, *, skip_bad_files: bool = False, **kwargs):
-        self._skip_bad_files = skip_bad_files
-        super().__init__(**kwargs)
+    def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        # The finer cell type of `ig` (IG, MMY, MY, PMY) and `neutrophil`
+        # (BNE, SNE, NEUTROPHIL) images, from the file name.
+        return {"subtype": tfds.features.Text()}
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.cell_features(
-                _NAMES,
-                # The finer cell type of `ig` (IG, MMY, MY, PMY) and
-                # `neutrophil` (BNE, SNE, NEUTROPHIL) images, from the file name.
-                extra={"subtype": tfds.features.Text()},
-            ),
-            supervised_keys=("image", "label"),
-            homepage=_HOMEPAGE,
-        )
-
-    def _anchor(self, manual_dir: Path) -> Path:
-        return common.find_single_anchor_dir(
+    def _split_records(self, manual_dir: Path) -> dict[str, list[common.Record]]:
+        root = self._find_single_anchor(
             manual_dir,
             lambda d: set(_NAMES) <= common.subdir_names(d),
-            self.name,
             f"folder holding the class folders {list(_NAMES)}",
-            _INSTRUCTIONS,
         )
-
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = common.require_manual_dir(dl_manager.manual_dir, self.name, _INSTRUCTIONS)
-        root = self._anchor(manual_dir)
         # Image ids repeat across classes (e.g. MO_497408 and EO_497408), so the
         # key keeps the class folder.
-        records = [
-            common.Record(
-                path=p,
-                label=name,
-                file_name=f"{name}/{p.name}",
-                extra={"subtype": file_subtype(p.name)},
-            )
-            for name in _NAMES
-            for p in common.list_images(root / name)
-        ]
-        if not records:
-            raise common.ManualDirError(
-                f"{self.name}: the class folders under {root} hold no image files. "
-                f"{_INSTRUCTIONS.strip()}"
-            )
+        records = common.class_folder_records(
+            root, _NAMES, extra=lambda p: {"subtype": file_subtype(p.name)}
+        )
+        self._require_images(records, root)
         # Healthy donors, no patient ids published: image-level splits only.
-        by_split = common.assign_splits(records)
-        return common.split_generators(
-            by_split, self._generate_examples, self.name, self._skip_bad_files
-        )
-
-    def _generate_examples(self, records, collector=None, finish=True):
-        yield from common.generate_examples(
-            records, self.name, self._skip_bad_files, collector=collector, finish=finish
-        )
+        return common.assign_splits(records)
