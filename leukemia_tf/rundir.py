@@ -64,30 +64,34 @@ WORKERS_DIR = ".workers"
 RUN_OUTPUTS = (BEST_MODEL, LAST_MODEL, SUMMARY, HISTORY_CSV, BACKUP_DIR, WORKERS_DIR, LOGS_DIR)
 
 #: Environment variable naming a fault point (:func:`fault_point`): the
-#: process kills itself with SIGKILL when it reaches it. For fault-injection
-#: tests (``tools/chaos_train.py``); never set in normal use.
+#: process signals itself when it reaches it. For fault-injection tests and
+#: ``tools/chaos_train.py``; never set in normal use.
 FAULT_ENV = "LEUKEMIA_TF_FAULT"
+_FAULT_COUNTS: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    """Kills this process (SIGKILL) if ``$LEUKEMIA_TF_FAULT`` names ``name``.
+    """Signals this process if ``$LEUKEMIA_TF_FAULT`` names ``name``.
 
-    ``LEUKEMIA_TF_FAULT=save:last.keras`` kills a run between writing
-    ``last.keras``'s temporary file and renaming it; ``NAME@K`` fires at the
-    K-th time the point is reached (1-based).
+    The variable reads ``POINT[@K][:SIGNAL]``: at the K-th time (1-based,
+    default 1) the point is reached, the process sends itself SIGNAL (``KILL``
+    by default, or ``TERM``). Points: ``save:<file name>`` between writing a
+    file's temporary copy and renaming it, ``checkpoint`` before the backup
+    checkpoint is written, ``step`` after every call of the training function.
     """
     wanted = os.environ.get(FAULT_ENV)
     if not wanted:
         return
-    point, _, nth = wanted.partition("@")
+    spec, sig = wanted, "KILL"
+    head, _, tail = wanted.rpartition(":")
+    if tail in ("KILL", "TERM"):
+        spec, sig = head, tail
+    point, _, nth = spec.partition("@")
     if point != name:
         return
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_FAULT_COUNTS: dict[str, int] = {}
+    if _FAULT_COUNTS[name] == int(nth or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
 
 
 # ------------------------------------------------------- paths (local or remote)
@@ -138,6 +142,20 @@ def check_model_dir(model_dir: str | os.PathLike) -> str:
     if not tf.io.gfile.isdir(path):
         raise FileNotFoundError(f"--model_dir={given!r} does not exist")
     return path
+
+
+def remove_partial_writes(model_dir: str) -> list[str]:
+    """Deletes the temporary files of writes cut short (a killed run); returns their paths."""
+    if not tf.io.gfile.isdir(model_dir):
+        return []
+    stale = [
+        join(model_dir, name)
+        for name in tf.io.gfile.listdir(model_dir)
+        if name.startswith(".") and ".tmp" in name and not name.endswith("/")
+    ]
+    for path in stale:
+        remove(path)
+    return stale
 
 
 def is_finished(model_dir: str) -> bool:

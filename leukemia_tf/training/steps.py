@@ -104,6 +104,8 @@ class TrainStep:
     augmenter: Callable | None = None
     clip_in_step: bool = False
     batchnorm_ema: Sequence = ()
+    #: Draws the MixUp/CutMix seeds (with --mixup_alpha or --cutmix_alpha).
+    mix_seed: keras.random.SeedGenerator | None = None
 
     def gradients(self, batch: dict):
         """Augmentation, forward and backward pass of one replica: no cross-replica sync."""
@@ -116,13 +118,19 @@ class TrainStep:
             images = self.augmenter(images, training=True)
         mixup, cutmix = config.mixup_alpha, config.cutmix_alpha
         if mixup > 0 or cutmix > 0:
+            # Seeds from a checkpointed generator: a resumed run draws what an
+            # uninterrupted one would.
+            seed = tf.cast(self.mix_seed.next(), tf.int32)
+            fold = tf.random.experimental.stateless_fold_in
             use_cutmix = (
-                tf.random.uniform([]) < 0.5 if mixup > 0 and cutmix > 0 else tf.constant(cutmix > 0)
+                tf.random.stateless_uniform([], fold(seed, 0)) < 0.5
+                if mixup > 0 and cutmix > 0
+                else tf.constant(cutmix > 0)
             )
             images, targets = tf.cond(
                 use_cutmix,
-                lambda: augment.cutmix(images, targets, cutmix or 1.0),
-                lambda: augment.mixup(images, targets, mixup or 1.0),
+                lambda: augment.cutmix(images, targets, cutmix or 1.0, seed=fold(seed, 1)),
+                lambda: augment.mixup(images, targets, mixup or 1.0, seed=fold(seed, 2)),
             )
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)

@@ -136,10 +136,13 @@ def _prepare_model_dir(config: TrainConfig, chief: bool) -> str:
             f"--model_dir={config.model_dir!r} holds a finished run ({rundir.SUMMARY}); choose "
             "another directory or pass --overwrite to start afresh"
         )
-    if chief and config.overwrite:
+    if not chief:
+        return model_dir
+    rundir.remove_partial_writes(model_dir)
+    if config.overwrite:
         for name in rundir.RUN_OUTPUTS:
             rundir.remove(rundir.join(model_dir, name))
-    elif chief and run_state.peek_progress(model_dir) != (0, 0):
+    elif run_state.peek_progress(model_dir) != (0, 0):
         _check_resume_config(model_dir, config)
     return model_dir
 
@@ -300,12 +303,21 @@ def train(config: TrainConfig, callbacks: Sequence[EpochHook] = ()) -> TrainResu
     precision = distribute.resolve_precision(config.precision, strategy)
     distribute.set_precision(precision)
     chief = distribute.is_chief(strategy)
-    lock = rundir.RunLock(rundir.expand(config.model_dir)) if chief else None
+    model_dir = rundir.expand(config.model_dir)
+    new_dir = not tf.io.gfile.exists(model_dir)
+    lock = rundir.RunLock(model_dir) if chief else None
     if lock is not None:
         lock.acquire()
     try:
         with _SigtermWatcher() as sigterm:
             return _train(config, strategy, precision, chief, sigterm, callbacks, start_time)
+    except BaseException:
+        if lock is not None and new_dir:
+            lock.release()
+            # A run that failed before writing anything leaves no empty model_dir behind.
+            if not tf.io.gfile.listdir(model_dir):
+                rundir.remove(model_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -338,6 +350,8 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
         # the backbone later finds them (and a checkpoint always has them).
         optimizer.build(model.trainable_variables)
         batchnorm_ema = ema.batchnorm_pairs(model) if config.ema else []
+        mixing = config.mixup_alpha > 0 or config.cutmix_alpha > 0
+        mix_seed = keras.random.SeedGenerator(config.seed) if mixing else None
         state = run_state.RunState(
             model_dir,
             write_dir,
@@ -346,7 +360,9 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
             model=model,
             optimizer=optimizer,
             batchnorm_ema=[average for _, average in batchnorm_ema],
-            **({"augmenter": augmenter} if augmenter is not None else {}),
+            # The random state of augmentation, dropout and mixing: a resumed
+            # run draws the numbers an uninterrupted run would.
+            rng=_seed_states(model, augmenter, mix_seed),
         )
     start_epoch = state.restore(config.overwrite)
     if distribute.num_workers(strategy) > 1:
@@ -366,6 +382,7 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
         augmenter=augmenter,
         clip_in_step=clip_in_step,
         batchnorm_ema=batchnorm_ema,
+        mix_seed=mix_seed,
     )
     evaluate = steps.Evaluator(strategy, model, space, data.level_weights, _epoch_metrics)
     iterator = iter(data.train_ds)
@@ -394,6 +411,7 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
                 progbar.update(
                     done, [("loss", totals[0] / totals[2]), ("accuracy", totals[1] / totals[2])]
                 )
+            rundir.fault_point("step")
             if sigterm.received and done < steps_per_epoch:
                 state.save_partial(epoch, done, totals, steps_per_epoch)
                 raise Preempted(
@@ -466,6 +484,17 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
         )
         state.finish(summary)
     return result
+
+
+def _seed_states(model, augmenter, mix_seed) -> list:
+    """The state variables of every Keras seed generator of the run (tf.train.Checkpoint
+    does not see them through the layers)."""
+    variables = list(model.variables)
+    if augmenter is not None:
+        variables += augmenter.variables
+    if mix_seed is not None:
+        variables.append(mix_seed.state)
+    return [v for v in variables if v.path.endswith("seed_generator_state")]
 
 
 def _progress_bar(config, chief: bool, epoch: int, stage: int, steps_per_epoch: int):
