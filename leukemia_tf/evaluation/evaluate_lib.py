@@ -49,6 +49,7 @@ from leukemia_tf.evaluation import figures as figures_lib
 from leukemia_tf.evaluation import levels as levels_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
 from leukemia_tf.evaluation import report as report_lib
+from leukemia_tf.models.heads import level_key
 from leukemia_tf.training import artifacts
 
 #: Files an evaluation writes into its output directory.
@@ -669,7 +670,7 @@ def _evaluate(
         if config.head == "hierarchical":
             level_probs_dict = trained.label_space.level_probabilities(predictions.outputs)
             level_probs = [
-                level_probs_dict[f"level_{k}"].numpy() for k in range(trained.taxonomy.num_levels)
+                level_probs_dict[level_key(k)].numpy() for k in range(trained.taxonomy.num_levels)
             ]
         else:
             level_probs = levels_lib.flat_level_probabilities(probs, class_names, trained.taxonomy)
