@@ -4,6 +4,7 @@ and the evaluate command end to end on tiny trained models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -459,6 +460,24 @@ def test_evaluate_errors(trained_flat_model_dir, tmp_path, synthetic_data_dir):
     with pytest.raises(ValueError, match=r"no split 'tset'; available: test, train, validation"):
         evaluate_lib.evaluate(trained_flat_model_dir, split="tset", out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_options_are_checked_once(tmp_path):
+    from leukemia_tf.evaluation import evaluate_lib
+
+    options = evaluate_lib.EvalOptions(split="validation", bootstrap=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.split = "test"
+    for bad, match in (
+        ({"bootstrap": -1}, "--bootstrap=-1 must be >= 0"),
+        ({"explain_samples": -2}, "--explain_samples=-2 must be >= 0"),
+        ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            evaluate_lib.EvalOptions(**bad)
+        # evaluate refuses them before reading the model.
+        with pytest.raises(ValueError, match=match):
+            evaluate_lib.evaluate(tmp_path / "nowhere", **bad)
 
 
 class EvaluationTestUnlabelled(tfds.core.GeneratorBasedBuilder):
