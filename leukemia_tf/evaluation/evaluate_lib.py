@@ -297,6 +297,7 @@ class EvaluatedSplit:
 
     @property
     def class_names(self) -> list[str]:
+        """The model's ``C`` class names."""
         return self.trained.class_names
 
 
