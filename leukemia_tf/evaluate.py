@@ -61,23 +61,16 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     given = _MODEL_DIR.value
-    # A local typo fails in a second, before TensorFlow is imported.
+    # A local typo fails in a second, before TensorFlow is imported. Any other
+    # model_dir (gs://) is checked once, by evaluate, before data or model are read.
     if "://" not in given and not os.path.isdir(os.path.expanduser(given)):
         sys.exit(f"error: --model_dir={given!r} does not exist")
-
-    from leukemia_tf import rundir
-
-    # Checked before the data and model are read (local or gs://).
-    try:
-        model_dir = rundir.check_model_dir(_MODEL_DIR.value)
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
 
     from leukemia_tf.evaluation import evaluate_lib
 
     try:
         result = evaluate_lib.evaluate(
-            model_dir,
+            given,
             split=_SPLIT.value,
             data_dir=_DATA_DIR.value,
             out_dir=_OUT_DIR.value,

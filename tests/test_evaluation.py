@@ -4,6 +4,7 @@ and the evaluate command end to end on tiny trained models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -111,14 +112,49 @@ def test_fast_replicate_metrics_equal_sklearn():
         fast = metrics_lib.headline_metrics(y_true, y_pred, probs, c)
         for key in metrics_lib.HEADLINE:
             assert fast[key] == pytest.approx(slow[key]), key
+        # The one definition against scikit-learn's (macro averages over the present classes).
+        present = np.unique(y_true)
+        assert slow["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
         assert slow["balanced_accuracy"] == pytest.approx(
             skm.balanced_accuracy_score(y_true, y_pred)
+        )
+        assert slow["macro_f1"] == pytest.approx(
+            skm.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
         )
         for k in range(c):
             if 0 < (y_true == k).sum() < n:
                 assert metrics_lib.fast_roc_auc(y_true == k, probs[:, k]) == pytest.approx(
                     skm.roc_auc_score(y_true == k, probs[:, k])
                 )
+
+
+def test_decision_metrics():
+    m = metrics_lib.decision_metrics(Y_TRUE, Y_PRED, 3)
+    assert m == {
+        "accuracy": pytest.approx(4 / 6),
+        "balanced_accuracy": pytest.approx((0.5 + 1 + 0.5) / 3),
+        "macro_f1": pytest.approx((0.5 + 0.8 + 2 / 3) / 3),
+    }
+    # Class 2 absent: averages over classes 0 and 1; the prediction into 2 is a miss of 1.
+    m = metrics_lib.decision_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 2]), 3)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 0.5) / 2)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    empty = metrics_lib.decision_metrics(np.zeros(0, int), np.zeros(0, int), 3)
+    assert all(math.isnan(v) for v in empty.values()) and len(empty) == 3
+    with pytest.raises(ValueError, match="labels must be in"):
+        metrics_lib.decision_metrics(np.array([3]), np.array([0]), 3)
+
+
+def test_metrics_module_is_light():
+    # The training loop imports it: no TensorFlow, no matplotlib.
+    code = (
+        "import sys, leukemia_tf.evaluation.metrics; "
+        "print(sorted({'tensorflow', 'matplotlib'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_bootstrap_resamples_clusters():
@@ -424,6 +460,24 @@ def test_evaluate_errors(trained_flat_model_dir, tmp_path, synthetic_data_dir):
     with pytest.raises(ValueError, match=r"no split 'tset'; available: test, train, validation"):
         evaluate_lib.evaluate(trained_flat_model_dir, split="tset", out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_options_are_checked_once(tmp_path):
+    from leukemia_tf.evaluation import evaluate_lib
+
+    options = evaluate_lib.EvalOptions(split="validation", bootstrap=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.split = "test"
+    for bad, match in (
+        ({"bootstrap": -1}, "--bootstrap=-1 must be >= 0"),
+        ({"explain_samples": -2}, "--explain_samples=-2 must be >= 0"),
+        ({"batch_size": 0}, "batch_size=0 must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            evaluate_lib.EvalOptions(**bad)
+        # evaluate refuses them before reading the model.
+        with pytest.raises(ValueError, match=match):
+            evaluate_lib.evaluate(tmp_path / "nowhere", **bad)
 
 
 class EvaluationTestUnlabelled(tfds.core.GeneratorBasedBuilder):

@@ -20,6 +20,7 @@ import pytest
 from absl import flags
 from conftest import TINY_TRAIN
 
+from leukemia_tf import rundir
 from leukemia_tf.training.config import ConfigError, TrainConfig
 from leukemia_tf.tuning import search_space
 
@@ -128,7 +129,7 @@ def hyperband_search(tmp_path_factory, synthetic_data_dir) -> Search:
     Interrupted (KeyboardInterrupt, as Ctrl-C) after the first epoch of trial
     3, refused once without --resume, then resumed to the end.
     """
-    from leukemia_tf.tuning import tune_lib, tuner
+    from leukemia_tf.tuning import tune_lib
 
     tune_dir = str(tmp_path_factory.mktemp("tune") / "hyperband")
     base = TrainConfig(data_dir=synthetic_data_dir, **TINY)
@@ -142,7 +143,7 @@ def hyperband_search(tmp_path_factory, synthetic_data_dir) -> Search:
 
     with pytest.raises(KeyboardInterrupt):
         tune_lib.run_search(base, search, epoch_callbacks=[interrupt])
-    interrupted = tuner.read_history(os.path.join(tune_dir, "trials", "0003"))
+    interrupted = rundir.read_history(os.path.join(tune_dir, "trials", "0003"))
     with pytest.raises(tune_lib.TuneDirError) as refused:
         tune_lib.run_search(base, search)
     result = tune_lib.run_search(base, dataclasses.replace(search, resume=True))
@@ -167,10 +168,9 @@ def test_search_runs_hyperband_budgets_and_continues_trials(hyperband_search):
     continued = _info(tune_dir, "0002")
     assert (continued["initial_epoch"], continued["target_epochs"]) == (1, 2)
     # The continuation resumed the same run: epoch 0 is the past trial's own.
-    from leukemia_tf.tuning import tuner
 
-    first = tuner.read_history(os.path.join(tune_dir, "trials", past))[0]
-    again = tuner.read_history(os.path.join(tune_dir, "trials", "0002"))[0]
+    first = rundir.read_history(os.path.join(tune_dir, "trials", past))[0]
+    again = rundir.read_history(os.path.join(tune_dir, "trials", "0002"))[0]
     assert again == first
     # Every trial's schedule spans --epochs; the stopped ones keep their backup to continue.
     assert (
@@ -233,9 +233,8 @@ def test_interrupted_search_resumes(hyperband_search):
     # Killed after trial 3's first epoch; resumed, the trial continued its run.
     assert len(hyperband_search.interrupted_history) == 1
     tune_dir = hyperband_search.result.tune_dir
-    from leukemia_tf.tuning import tuner
 
-    history = tuner.read_history(os.path.join(tune_dir, "trials", "0003"))
+    history = rundir.read_history(os.path.join(tune_dir, "trials", "0003"))
     assert [r["epoch"] for r in history] == [0, 1]
     assert history[0] == hyperband_search.interrupted_history[0]
     assert _info(tune_dir, "0003")["status"] == "completed"

@@ -21,6 +21,15 @@ Decisions (accuracy, confusion matrices, aggregation) use the probabilities
 as trained (temperature 1): the model that was selected on validation. The
 temperature changes calibration figures; for a hierarchical head it can also
 change a few argmax decisions, and how many is reported.
+
+Structure: :func:`evaluate` checks its arguments once into an
+:class:`EvalOptions` and loads the model (the one check of ``model_dir``);
+:func:`_evaluate` then runs the model over the split once
+(:class:`EvaluatedSplit`) and builds ``metrics.json`` from one function per
+section (``_cell_section``, ``_calibration_section``, ``_levels_section``,
+``_group_sections``, ``_figures``, ``_explanations``, ``_model_section``,
+``_data_section``) before ``_write`` writes it and the report. The prose of
+the report, caveats included, is worded in :mod:`leukemia_tf.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from leukemia_tf.evaluation import figures as figures_lib
 from leukemia_tf.evaluation import levels as levels_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
 from leukemia_tf.evaluation import report as report_lib
+from leukemia_tf.models.heads import level_key
 
 #: Files an evaluation writes into its output directory.
 METRICS_FILE = "metrics.json"
@@ -64,6 +74,47 @@ GROUP_LEVELS = (("slide", "slide_id"), ("patient", "patient_id"))
 
 class UnlabelledSplitError(ValueError):
     """The split holds examples without labels (e.g. the C-NMC final-phase test set)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """How to evaluate: :func:`evaluate`'s arguments (the binary's flags), checked once.
+
+    Where (``model_dir``, ``out_dir``) is not an option: the sections read the
+    loaded model and write into a local folder.
+
+    Attributes:
+      split: the TFDS split to evaluate.
+      data_dir: TFDS data directory; ``None``: the one the model was trained with.
+      bootstrap: bootstrap replicates of the confidence intervals (0: none).
+      seed: seed of the bootstrap and of the explained-example sample.
+      explain_samples: explained examples per class and per correct / wrong.
+      batch_size: inference batch size.
+      which: checkpoint, ``"best"`` or ``"last"`` (or a ``.keras`` path).
+      fit_temperature: fit the temperature on the validation split.
+      tta: test-time augmentation (8 views).
+
+    Raises:
+      ValueError: ``bootstrap`` or ``explain_samples`` below 0, ``batch_size`` below 1.
+    """
+
+    split: str = "test"
+    data_dir: str | None = None
+    bootstrap: int = 1000
+    seed: int = 0
+    explain_samples: int = DEFAULT_EXPLAIN_SAMPLES
+    batch_size: int = 64
+    which: str = "best"
+    fit_temperature: bool = True
+    tta: bool = False
+
+    def __post_init__(self):
+        if self.bootstrap < 0:
+            raise ValueError(f"--bootstrap={self.bootstrap} must be >= 0")
+        if self.explain_samples < 0:
+            raise ValueError(f"--explain_samples={self.explain_samples} must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
 
 
 @dataclasses.dataclass
@@ -214,6 +265,130 @@ def predict_split(
     )
 
 
+# ------------------------------------------------------------ the evaluated
+@dataclasses.dataclass(frozen=True)
+class EvaluatedSplit:
+    """The model, the evaluated split and the model's outputs on it: what every section reads.
+
+    Attributes:
+      trained: the loaded model.
+      specs: the data sets (the model's training mixture).
+      data_dir: the TFDS data directory read (the option's, else the model's).
+      sizes: ``{data set name: examples in the split}`` (:func:`check_split`).
+      predictions: the model's outputs, labels and ids on the split.
+      probs: ``[N, C]`` class probabilities at temperature 1.
+      y_pred: ``[N]`` decisions, the argmax of ``probs``.
+      sampler: the examples kept for explanations.
+    """
+
+    trained: rundir.TrainedModel
+    specs: list[pipeline.DataSpec]
+    data_dir: str | None
+    sizes: dict[str, int]
+    predictions: SplitPredictions
+    probs: np.ndarray
+    y_pred: np.ndarray
+    sampler: explain_lib.ExampleSampler
+
+    @property
+    def y_true(self) -> np.ndarray:
+        """``[N]`` true classes."""
+        return self.predictions.labels
+
+    @property
+    def class_names(self) -> list[str]:
+        """The model's ``C`` class names."""
+        return self.trained.class_names
+
+
+def _check_data(
+    trained: rundir.TrainedModel, options: EvalOptions
+) -> tuple[list[pipeline.DataSpec], str | None, dict[str, int]]:
+    """The model's data sets, the data directory and the split's sizes, checked.
+
+    Raises:
+      ValueError: see :func:`check_split`; or data whose classes differ from the model's.
+    """
+    config = trained.config
+    data_dir = options.data_dir or config.data_dir or None
+    specs = pipeline.parse_datasets(config.datasets)
+    sizes = check_split(specs, options.split, data_dir)
+    data_classes = pipeline.dataset_class_names(
+        specs, data_dir, config.label_mode, trained.taxonomy
+    )
+    class_names = trained.class_names
+    if list(data_classes) != list(class_names):
+        raise ValueError(
+            f"the data ({config.datasets} in {data_dir or 'the TFDS default data_dir'}) have "
+            f"classes {data_classes}, but the model in {trained.model_dir} predicts {class_names} "
+            f"({rundir.join(trained.model_dir, rundir.LABELS_FILE)}): evaluate it on the "
+            "data it was trained for"
+        )
+    return specs, data_dir, sizes
+
+
+def _predictions(
+    trained: rundir.TrainedModel,
+    options: EvalOptions,
+    specs: list[pipeline.DataSpec],
+    data_dir: str | None,
+    sizes: dict[str, int],
+) -> EvaluatedSplit:
+    """Runs the model over the split, keeping a sample of examples to explain."""
+    sampler = explain_lib.ExampleSampler(
+        len(trained.class_names), options.explain_samples, seed=options.seed
+    )
+    predictions = predict_split(
+        trained, specs, options.split, data_dir, options.batch_size, sampler
+    )
+    probs = trained.label_space.probabilities(predictions.outputs, 1.0).numpy()
+    return EvaluatedSplit(
+        trained=trained,
+        specs=specs,
+        data_dir=data_dir,
+        sizes=sizes,
+        predictions=predictions,
+        probs=probs,
+        y_pred=probs.argmax(axis=1),
+        sampler=sampler,
+    )
+
+
+# ---------------------------------------------------------------- cell level
+def _clusters(predictions: SplitPredictions) -> tuple[np.ndarray | None, str]:
+    """Bootstrap units of the cells: patients, else slides, else the cells themselves."""
+    for name, ids in (("patient", predictions.patient_id), ("slide", predictions.slide_id)):
+        if (ids != "").any():
+            # A cell without an id is its own unit.
+            units = np.array([i if i else f"\x00cell{k}" for k, i in enumerate(ids)], dtype=object)
+            text = report_lib.resampled_groups(
+                name, len(set(ids[ids != ""])), n_single=int((ids == "").sum())
+            )
+            return units, text
+    return None, report_lib.resampled_cells(len(predictions))
+
+
+def _cell_section(options: EvalOptions, ev: EvaluatedSplit) -> dict:
+    """Cell-level scores (:func:`metrics.classification_metrics`) with bootstrap intervals.
+
+    Returns:
+      The ``cell`` section; ``cell["ci"]["unit"]`` says what was resampled.
+    """
+    cell = metrics_lib.classification_metrics(ev.y_true, ev.y_pred, ev.probs, ev.class_names)
+    units, unit_text = _clusters(ev.predictions)
+    cell["ci"] = metrics_lib.bootstrap_ci(
+        ev.y_true,
+        ev.y_pred,
+        ev.probs,
+        len(ev.class_names),
+        clusters=units,
+        n_resamples=options.bootstrap,
+        seed=options.seed,
+    )
+    cell["ci"]["unit"] = unit_text
+    return cell
+
+
 # -------------------------------------------------------------- calibration
 def _fit_temperature(
     trained: rundir.TrainedModel, predictions: SplitPredictions
@@ -230,145 +405,131 @@ def _fit_temperature(
     return temperature, nll(1.0), nll(temperature)
 
 
-def _calibration_section(
-    trained: rundir.TrainedModel,
-    specs: Sequence[pipeline.DataSpec],
-    split: str,
-    data_dir: str | None,
-    batch_size: int,
-    evaluated: SplitPredictions,
-    which: str,
-    fit: bool,
-    notes: list[str],
-) -> tuple[dict, float]:
-    """Fits (and stores) the temperature and measures calibration on ``evaluated``."""
+def _temperature(options: EvalOptions, ev: EvaluatedSplit) -> tuple[float, dict, list[str]]:
+    """The temperature of the calibrated figures: fitted on the validation split, or stored.
+
+    With ``options.fit_temperature`` it is fitted on the model's validation
+    split and written to ``calibration.json`` when that is safe: the ``best``
+    checkpoint, single view, held-out validation data. Otherwise (or when the
+    validation split cannot be read) the stored temperature is used.
+
+    Returns:
+      ``(T, fields, notes)``: ``fields`` for the calibration section
+      (``fitted_on``, ``stored``, and after a fit ``n_fit`` and the validation
+      NLL before and after), ``notes`` for the caveats.
+    """
+    trained = ev.trained
+    fields: dict = {"fitted_on": None, "stored": False}
+    if not options.fit_temperature:
+        return (
+            trained.temperature,
+            fields,
+            [report_lib.temperature_not_refitted(trained.temperature)],
+        )
     val_split = trained.config.val_split or "validation"
-    temperature = trained.temperature
-    section: dict = {
-        "binning": (
-            f"{calibration_lib.DEFAULT_BINS} equal-width bins (b/{calibration_lib.DEFAULT_BINS}, "
-            f"(b+1)/{calibration_lib.DEFAULT_BINS}] on the maximum class probability"
-        ),
-        "fitted_on": None,
-        "stored": False,
-    }
-    if fit:
-        try:
-            check_split(specs, val_split, data_dir)
-            validation = (
-                evaluated
-                if val_split == split
-                else predict_split(trained, specs, val_split, data_dir, batch_size)
-            )
-        except (ValueError, FileNotFoundError) as e:
-            notes.append(f"temperature not fitted: validation split {val_split!r} unusable ({e})")
-        else:
-            temperature, nll_before, nll_after = _fit_temperature(trained, validation)
-            low, high = calibration_lib.T_RANGE
-            if not low * 1.01 < temperature < high / 1.01:
-                notes.append(
-                    f"the fitted temperature T={temperature:.3g} sits at the edge of the searched "
-                    f"range [{low}, {high}]: the model's confidence is far off (an undertrained "
-                    "model, or a validation split unlike the training data)"
-                )
-            section.update(
-                fitted_on=val_split,
-                n_fit=len(validation),
-                validation_nll_before=nll_before,
-                validation_nll_after=nll_after,
-            )
-            if val_split == split:
-                notes.append(
-                    f"the temperature was fitted on the evaluated split {split!r} itself: its "
-                    "calibrated figures are optimistic"
-                )
-            if _split_names(val_split)[0] in _split_names(trained.config.train_split):
-                notes.append(
-                    f"the temperature was fitted on {val_split!r}, which the model was trained on "
-                    f"(--train_split={trained.config.train_split!r}): it is reported but not "
-                    "stored, and the calibrated figures mean little; fit it on held-out data"
-                )
-            elif trained.tta:
-                notes.append(
-                    "temperature fitted on the test-time-augmented outputs is reported but not "
-                    "stored (calibration.json belongs to the single-view model that export serves)"
-                )
-            elif which == "best":
-                rundir.write_temperature(
-                    trained.model_dir,
-                    temperature,
-                    fitted_on=val_split,
-                    n=len(validation),
-                    nll_before=nll_before,
-                    nll_after=nll_after,
-                    checkpoint=which,
-                )
-                section["stored"] = True
-            else:
-                notes.append(
-                    f"temperature fitted for the '{which}' checkpoint is reported but not stored "
-                    "(calibration.json belongs to the best checkpoint, which export serves)"
-                )
-    else:
-        notes.append(f"temperature not refitted; using the stored T={temperature:.4g}")
-    section["temperature"] = float(temperature)
-
-    labels = evaluated.labels
-    raw = trained.label_space.probabilities(evaluated.outputs, 1.0).numpy()
-    scaled = trained.label_space.probabilities(evaluated.outputs, temperature).numpy()
-    section.update(
-        ece_before=calibration_lib.expected_calibration_error(raw, labels),
-        ece_after=calibration_lib.expected_calibration_error(scaled, labels),
-        nll_before=calibration_lib.negative_log_likelihood(raw, labels),
-        nll_after=calibration_lib.negative_log_likelihood(scaled, labels),
-        reliability_before=calibration_lib.reliability_bins(raw, labels),
-        reliability_after=calibration_lib.reliability_bins(scaled, labels),
-        decisions_changed=int((raw.argmax(axis=1) != scaled.argmax(axis=1)).sum()),
-    )
-    return section, float(temperature)
-
-
-# ---------------------------------------------------------------- groups
-def _clusters(predictions: SplitPredictions) -> tuple[np.ndarray | None, str]:
-    """Bootstrap units of the cells: patients, else slides, else the cells themselves."""
-    for name, ids in (("patient", predictions.patient_id), ("slide", predictions.slide_id)):
-        if (ids != "").any():
-            # A cell without an id is its own unit.
-            units = np.array([i if i else f"\x00cell{k}" for k, i in enumerate(ids)], dtype=object)
-            missing = int((ids == "").sum())
-            text = f"{name}s ({len(set(ids[ids != '']))} {name}s"
-            text += f"; {missing} cells without a {name} id resampled singly)" if missing else ")"
-            return units, text
-    return None, f"cells ({len(predictions)} cells; the split carries no patient or slide ids)"
-
-
-def _group_section(
-    key: str,
-    feature: str,
-    predictions: SplitPredictions,
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    bootstrap: int,
-    seed: int,
-) -> dict:
-    ids = getattr(predictions, feature)
-    has = ids != ""
-    if not has.any():
-        return {"available": False, "reason": f"the split carries no {feature}"}
-    section: dict = {
-        "available": True,
-        "n_cells_without_id": int((~has).sum()),
-        "labelled": True,
-    }
     try:
-        result = aggregate_lib.aggregate(ids[has], probs[has], predictions.labels[has])
-    except ValueError as e:
-        # E.g. cell-type labels: one patient's cells carry several labels.
-        result = aggregate_lib.aggregate(ids[has], probs[has])
-        section["labelled"] = False
-        section["reason"] = str(e)
-    section["n_groups"] = len(result["group_ids"])
-    section["groups"] = [
+        check_split(ev.specs, val_split, ev.data_dir)
+        validation = (
+            ev.predictions
+            if val_split == options.split
+            else predict_split(trained, ev.specs, val_split, ev.data_dir, options.batch_size)
+        )
+    except (ValueError, FileNotFoundError) as e:
+        return trained.temperature, fields, [report_lib.temperature_unusable(val_split, e)]
+
+    notes = []
+    temperature, nll_before, nll_after = _fit_temperature(trained, validation)
+    low, high = calibration_lib.T_RANGE
+    if not low * 1.01 < temperature < high / 1.01:
+        notes.append(report_lib.temperature_at_edge(temperature, low, high))
+    fields.update(
+        fitted_on=val_split,
+        n_fit=len(validation),
+        validation_nll_before=nll_before,
+        validation_nll_after=nll_after,
+    )
+    if val_split == options.split:
+        notes.append(report_lib.temperature_fitted_on_evaluated(options.split))
+    # Stored only where export serves it: the best checkpoint, single view, fitted on held-out data.
+    if _split_names(val_split)[0] in _split_names(trained.config.train_split):
+        notes.append(
+            report_lib.temperature_fitted_on_training(val_split, trained.config.train_split)
+        )
+    elif trained.tta:
+        notes.append(report_lib.TEMPERATURE_TTA_NOT_STORED)
+    elif options.which == "best":
+        rundir.write_temperature(
+            trained.model_dir,
+            temperature,
+            fitted_on=val_split,
+            n=len(validation),
+            nll_before=nll_before,
+            nll_after=nll_after,
+            checkpoint=options.which,
+        )
+        fields["stored"] = True
+    else:
+        notes.append(report_lib.temperature_checkpoint_not_stored(options.which))
+    return temperature, fields, notes
+
+
+def _calibration_section(options: EvalOptions, ev: EvaluatedSplit) -> tuple[dict, list[str]]:
+    """ECE, NLL and reliability bins before and after temperature scaling.
+
+    Returns:
+      ``(section, notes)``: the ``calibration`` section and notes for the caveats.
+    """
+    temperature, fields, notes = _temperature(options, ev)
+    labels = ev.y_true
+    raw = ev.probs
+    scaled = ev.trained.label_space.probabilities(ev.predictions.outputs, temperature).numpy()
+    section = {
+        "binning": report_lib.calibration_binning(calibration_lib.DEFAULT_BINS),
+        **fields,
+        "temperature": float(temperature),
+        "ece_before": calibration_lib.expected_calibration_error(raw, labels),
+        "ece_after": calibration_lib.expected_calibration_error(scaled, labels),
+        "nll_before": calibration_lib.negative_log_likelihood(raw, labels),
+        "nll_after": calibration_lib.negative_log_likelihood(scaled, labels),
+        "reliability_before": calibration_lib.reliability_bins(raw, labels),
+        "reliability_after": calibration_lib.reliability_bins(scaled, labels),
+        "decisions_changed": int((raw.argmax(axis=1) != scaled.argmax(axis=1)).sum()),
+    }
+    return section, notes
+
+
+# ----------------------------------------------------------- taxonomy levels
+def _levels_section(ev: EvaluatedSplit) -> dict | None:
+    """Scores per taxonomy level (:func:`levels.evaluate_levels`); ``None`` without a taxonomy."""
+    trained = ev.trained
+    if trained.taxonomy is None or ev.predictions.levels is None:
+        return None
+    hierarchical = trained.config.head == "hierarchical"
+    if hierarchical:
+        level_probs_dict = trained.label_space.level_probabilities(ev.predictions.outputs)
+        level_probs = [
+            level_probs_dict[level_key(k)].numpy() for k in range(trained.taxonomy.num_levels)
+        ]
+    else:
+        level_probs = levels_lib.flat_level_probabilities(
+            ev.probs, ev.class_names, trained.taxonomy
+        )
+    section = levels_lib.evaluate_levels(
+        level_probs,
+        ev.predictions.levels,
+        ev.y_pred,
+        ev.class_names,
+        trained.taxonomy,
+        check_marginal_sums=hierarchical,
+    )
+    section["marginals"] = report_lib.level_marginals(hierarchical)
+    return section
+
+
+# ------------------------------------------------------ slides and patients
+def _group_rows(result: dict, class_names: Sequence[str]) -> list[dict]:
+    """One row per group of :func:`aggregate.aggregate`'s ``result``."""
+    return [
         {
             "id": gid,
             "n_cells": int(result["n_cells"][g]),
@@ -382,19 +543,43 @@ def _group_section(
         }
         for g, gid in enumerate(result["group_ids"])
     ]
-    if "label" not in result:
-        return section
-    # Slides of one patient are resampled together.
-    clusters = None
-    unit = key + "s"
-    if feature == "slide_id":
-        patient_of = {}
-        for s, p in zip(ids[has], predictions.patient_id[has], strict=True):
+
+
+def _group_units(
+    key: str, ids: np.ndarray, patient_ids: np.ndarray, group_ids: Sequence[str]
+) -> tuple[np.ndarray | None, str]:
+    """Bootstrap units of the groups: a slide's patient where every slide has one, else the group.
+
+    Args:
+      key: ``"slide"`` or ``"patient"``.
+      ids: ``[N]`` the group id of each cell (cells with an id only).
+      patient_ids: ``[N]`` the patient id of each cell.
+      group_ids: the groups, in the aggregate's order.
+
+    Returns:
+      ``(clusters, unit)``: ``[G]`` cluster ids for :func:`metrics.bootstrap_ci`
+      (``None``: resample groups) and the unit's description.
+    """
+    if key == "slide":
+        # Slides of one patient are resampled together.
+        patient_of: dict[str, set] = {}
+        for s, p in zip(ids, patient_ids, strict=True):
             patient_of.setdefault(s, set()).add(p)
         if all(len(v) == 1 and "" not in v for v in patient_of.values()):
-            clusters = np.array([next(iter(patient_of[g])) for g in result["group_ids"]])
-            unit = f"patients ({len(set(clusters))} patients)"
-    section["methods"] = {}
+            clusters = np.array([next(iter(patient_of[g])) for g in group_ids])
+            return clusters, report_lib.resampled_groups("patient", len(set(clusters)))
+    return None, f"{key}s"
+
+
+def _group_scores(
+    options: EvalOptions,
+    result: dict,
+    class_names: Sequence[str],
+    clusters: np.ndarray | None,
+    unit: str,
+) -> dict[str, dict]:
+    """Scores and bootstrap intervals of each aggregation method (labelled groups)."""
+    scores_of = {}
     for method, pred_key in aggregate_lib.METHODS.items():
         scores = result["mean_probs"] if method == "mean_probability" else None
         scored = metrics_lib.classification_metrics(
@@ -406,12 +591,128 @@ def _group_section(
             scores,
             len(class_names),
             clusters=clusters,
-            n_resamples=bootstrap,
-            seed=seed,
+            n_resamples=options.bootstrap,
+            seed=options.seed,
         )
         scored["ci"]["unit"] = unit
-        section["methods"][method] = scored
+        scores_of[method] = scored
+    return scores_of
+
+
+def _group_section(options: EvalOptions, ev: EvaluatedSplit, key: str, feature: str) -> dict:
+    """The slide or patient section: each group's pooled prediction and, if labelled, the scores.
+
+    Args:
+      options: the evaluation's options.
+      ev: the evaluated split.
+      key: ``"slide"`` or ``"patient"``.
+      feature: the id feature (``"slide_id"``, ``"patient_id"``).
+
+    Returns:
+      ``{"available": False, "reason"}`` without ids; else ``available``,
+      ``n_cells_without_id``, ``labelled`` (``reason`` when not),
+      ``n_groups``, ``groups`` and, when labelled, ``methods``.
+    """
+    ids = getattr(ev.predictions, feature)
+    has = ids != ""
+    if not has.any():
+        return {"available": False, "reason": report_lib.no_group_ids(feature)}
+    section: dict = {
+        "available": True,
+        "n_cells_without_id": int((~has).sum()),
+        "labelled": True,
+    }
+    try:
+        result = aggregate_lib.aggregate(ids[has], ev.probs[has], ev.y_true[has])
+    except ValueError as e:
+        # E.g. cell-type labels: one patient's cells carry several labels.
+        result = aggregate_lib.aggregate(ids[has], ev.probs[has])
+        section["labelled"] = False
+        section["reason"] = str(e)
+    section["n_groups"] = len(result["group_ids"])
+    section["groups"] = _group_rows(result, ev.class_names)
+    if "label" in result:
+        clusters, unit = _group_units(
+            key, ids[has], ev.predictions.patient_id[has], result["group_ids"]
+        )
+        section["methods"] = _group_scores(options, result, ev.class_names, clusters, unit)
     return section
+
+
+def _group_sections(options: EvalOptions, ev: EvaluatedSplit) -> dict[str, dict]:
+    """``{"slide": ..., "patient": ...}``: :func:`_group_section` of each :data:`GROUP_LEVELS`."""
+    return {key: _group_section(options, ev, key, feature) for key, feature in GROUP_LEVELS}
+
+
+# ----------------------------------------------------------------- figures
+def _figures(
+    options: EvalOptions,
+    ev: EvaluatedSplit,
+    cell: dict,
+    calibration: dict,
+    levels: dict | None,
+    groups: dict[str, dict],
+    out_dir: Path,
+) -> dict[str, str]:
+    """Draws the confusion matrices, ROC curves and reliability diagram into ``out_dir``.
+
+    Returns:
+      ``{figure key: path relative to out_dir}``, in the report's order.
+    """
+    paths: dict[str, str] = {}
+
+    def confusion(key: str, matrix, names, title: str, **kwargs) -> None:
+        path = figures_lib.confusion_matrix_figure(
+            matrix, names, out_dir / f"{key}.png", title=title, **kwargs
+        )
+        paths[key] = _relative(path, out_dir)
+
+    split, names = options.split, ev.class_names
+    confusion(
+        "confusion_matrix",
+        cell["confusion_matrix"],
+        names,
+        f"Cell level, {split} (n={len(ev.y_true)})",
+    )
+    paths["roc_curves"] = _relative(
+        figures_lib.roc_figure(
+            ev.y_true, ev.probs, names, out_dir / "roc_curves.png", f"ROC curves, {split}"
+        ),
+        out_dir,
+    )
+    before = f"before (T=1, ECE {calibration['ece_before']:.3f})"
+    after = f"after (T={calibration['temperature']:.3g}, ECE {calibration['ece_after']:.3f})"
+    paths["reliability"] = _relative(
+        figures_lib.reliability_figure(
+            {before: calibration["reliability_before"], after: calibration["reliability_after"]},
+            out_dir / "reliability.png",
+            f"Reliability diagram, {split}",
+        ),
+        out_dir,
+    )
+    for entry in levels["levels"] if levels is not None else []:
+        if "greedy" in entry:
+            k = entry["level"]
+            confusion(
+                f"confusion_level_{k}",
+                entry["greedy"]["confusion_matrix"],
+                entry["nodes"],
+                f"Taxonomy level {k} (greedy decisions, n={entry['n']})",
+                no_decision=entry["greedy"].get("no_decision"),
+            )
+    for key, section in groups.items():
+        if section.get("methods"):
+            confusion(
+                f"confusion_{key}",
+                section["methods"]["mean_probability"]["confusion_matrix"],
+                names,
+                f"{key.capitalize()} level, mean probability (n={section['n_groups']})",
+            )
+    return paths
+
+
+def _relative(path: str | os.PathLike, out_dir: Path) -> str:
+    return str(Path(path).relative_to(out_dir))
 
 
 # ---------------------------------------------------------- explanations
@@ -424,20 +725,20 @@ def _explanations(
     sampler: explain_lib.ExampleSampler,
     out_dir: Path,
 ) -> dict:
+    """Grad-CAM or attention-rollout figures of the sampled examples, one per true class.
+
+    Never raises: an unsupported backbone or a failure part way is reported in ``note``.
+
+    Returns:
+      The ``explanations`` section: ``method``, ``files`` (relative to
+      ``out_dir``), ``note`` and, with a method, ``layer``, ``grid``, ``what``.
+    """
     if sampler.per_cell == 0:
-        return {
-            "method": None,
-            "note": "explanations switched off (explain_samples=0)",
-            "files": [],
-        }
+        return {"method": None, "note": report_lib.EXPLANATIONS_OFF, "files": []}
     try:
         explainer = explain_lib.make_explainer(trained.model, trained.label_space)
     except Exception as e:  # noqa: BLE001  (unsupported backbone: report, never stop)
-        return {
-            "method": None,
-            "note": f"no explanation method for this backbone: {e}",
-            "files": [],
-        }
+        return {"method": None, "note": report_lib.no_explainer(e), "files": []}
     method = explain_lib.method_name(explainer)
     section = {
         "method": method,
@@ -447,15 +748,8 @@ def _explanations(
         "note": "",
     }
     if min(explainer.grid) <= 2:
-        section["note"] = (
-            f"the explained map is only {explainer.grid[0]}x{explainer.grid[1]} at this image "
-            f"size ({trained.image_size} px): the heat maps are coarse"
-        )
-    what = (
-        "Grad-CAM of the predicted class"
-        if method == "Grad-CAM"
-        else "Attention rollout of the class token (class-agnostic)"
-    )
+        section["note"] = report_lib.coarse_explanations(explainer.grid, trained.image_size)
+    what = report_lib.explanation_what(method)
     section["what"] = what
     folder = out_dir / "explanations"
     folder.mkdir(exist_ok=True)
@@ -486,10 +780,44 @@ def _explanations(
             section["files"].append(str(path.relative_to(out_dir)))
     except Exception as e:  # noqa: BLE001  (an explanation must never stop an evaluation)
         logging.exception("explanations failed")
-        section["note"] = (section["note"] + "; " if section["note"] else "") + (
-            f"explanations stopped: {type(e).__name__}: {e}"
-        )
+        section["note"] = report_lib.explanations_stopped(section["note"], e)
     return section
+
+
+# ------------------------------------------------------- model and data
+def _model_section(options: EvalOptions, trained: rundir.TrainedModel) -> dict:
+    """The ``model`` section: which model and checkpoint, and how it was built."""
+    config = trained.config
+    return {
+        "model_dir": str(trained.model_dir),
+        "checkpoint": options.which,
+        "test_time_augmentation": report_lib.tta_description(options.tta),
+        "backbone": config.backbone,
+        "head": config.head,
+        "label_mode": config.label_mode,
+        "image_size": config.image_size,
+        "class_names": trained.class_names,
+        "taxonomy": trained.taxonomy.source if trained.taxonomy is not None else None,
+    }
+
+
+def _data_section(options: EvalOptions, ev: EvaluatedSplit) -> dict:
+    """The ``data`` section: the split, its size, classes, patients, slides and sources."""
+    y_true, predictions = ev.y_true, ev.predictions
+    n_in_split = int(sum(ev.sizes.values()))
+    return {
+        "datasets": ev.trained.config.datasets,
+        "data_dir": ev.data_dir,
+        "split": options.split,
+        "n_examples": len(y_true),
+        "n_in_split": n_in_split,
+        "n_excluded": int(n_in_split - len(y_true)),
+        "class_counts": {name: int((y_true == c).sum()) for c, name in enumerate(ev.class_names)},
+        "n_classes_present": int(len(np.unique(y_true))),
+        "n_patients": int(len(set(predictions.patient_id[predictions.patient_id != ""]))),
+        "n_slides": int(len(set(predictions.slide_id[predictions.slide_id != ""]))),
+        "sources": sorted(set(predictions.source.tolist())),
+    }
 
 
 # ------------------------------------------------------------------- JSON
@@ -508,6 +836,24 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def _write(result: dict, out_dir: Path, start: float) -> dict:
+    """Writes ``metrics.json`` and ``report.md`` into ``out_dir``.
+
+    Returns:
+      ``result`` as written (plus ``seconds``), with ``out_dir``,
+      ``metrics_path`` and ``report_path`` added.
+    """
+    result["seconds"] = round(time.time() - start, 2)
+    result = _jsonable(result)
+    metrics_path = out_dir / METRICS_FILE
+    metrics_path.write_text(json.dumps(result, indent=2) + "\n")
+    report_path = report_lib.write_report(result, out_dir / REPORT_FILE)
+    result.update(
+        out_dir=str(out_dir), metrics_path=str(metrics_path), report_path=str(report_path)
+    )
+    return result
 
 
 # ------------------------------------------------------------------- main
@@ -567,20 +913,12 @@ def evaluate(
 
     Raises:
       FileNotFoundError: ``model_dir`` is missing or not a training run.
-      ValueError: unknown split (the message lists the available ones),
-        unlabelled split (:class:`UnlabelledSplitError`), or data whose
-        classes differ from the model's.
+      ValueError: an option out of range, unknown split (the message lists the
+        available ones), unlabelled split (:class:`UnlabelledSplitError`), or
+        data whose classes differ from the model's.
     """
     start = time.time()
-    model_dir = rundir.check_model_dir(model_dir)
-    if bootstrap < 0:
-        raise ValueError(f"--bootstrap={bootstrap} must be >= 0")
-    if explain_samples < 0:
-        raise ValueError(f"--explain_samples={explain_samples} must be >= 0")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    target = os.fspath(out_dir) if out_dir else default_out_dir(model_dir, split, which, tta)
-    options = dict(
+    options = EvalOptions(
         split=split,
         data_dir=data_dir,
         bootstrap=bootstrap,
@@ -590,13 +928,19 @@ def evaluate(
         which=which,
         fit_temperature=fit_temperature,
         tta=tta,
-        start=start,
+    )
+    # The one check of model_dir on the way through evaluation (check_model_dir, local or gs://).
+    trained = rundir.load_trained_model(model_dir, which=options.which, tta=options.tta)
+    target = (
+        os.fspath(out_dir)
+        if out_dir
+        else default_out_dir(trained.model_dir, options.split, options.which, options.tta)
     )
     if not rundir.is_remote(target):
-        return _evaluate(model_dir, Path(target), **options)
+        return _evaluate(trained, options, Path(target), start)
     # matplotlib and the report writer write local files: stage them, then copy up.
     with tempfile.TemporaryDirectory(prefix="leukemia_tf_eval_") as staging:
-        result = _evaluate(model_dir, Path(staging), **options)
+        result = _evaluate(trained, options, Path(staging), start)
         explanations = rundir.join(target, "explanations")
         if os.path.isdir(os.path.join(staging, "explanations")) and tf.io.gfile.isdir(explanations):
             tf.io.gfile.rmtree(explanations)  # an earlier evaluation's maps
@@ -610,244 +954,48 @@ def evaluate(
 
 
 def _evaluate(
-    model_dir: str,
-    out_dir: Path,
-    *,
-    split: str,
-    data_dir: str | None,
-    bootstrap: int,
-    seed: int,
-    explain_samples: int,
-    batch_size: int,
-    which: str,
-    fit_temperature: bool,
-    tta: bool,
-    start: float,
+    trained: rundir.TrainedModel, options: EvalOptions, out_dir: Path, start: float
 ) -> dict:
-    """:func:`evaluate` into the local folder ``out_dir``."""
-    trained = rundir.load_trained_model(model_dir, which=which, tta=tta)
-    config = trained.config
-    data_dir = data_dir or config.data_dir or None
-    specs = pipeline.parse_datasets(config.datasets)
-    sizes = check_split(specs, split, data_dir)
-    data_classes = pipeline.dataset_class_names(
-        specs, data_dir, config.label_mode, trained.taxonomy
-    )
-    class_names = trained.class_names
-    if list(data_classes) != list(class_names):
-        raise ValueError(
-            f"the data ({config.datasets} in {data_dir or 'the TFDS default data_dir'}) have "
-            f"classes {data_classes}, but the model in {model_dir} predicts {class_names} "
-            f"({rundir.join(model_dir, rundir.LABELS_FILE)}): evaluate it on the data it "
-            "was trained for"
-        )
+    """:func:`evaluate` of the loaded model into the local folder ``out_dir``.
+
+    Each section of ``metrics.json`` comes from one function; the order is
+    the order of their side effects (a temperature written, figures drawn).
+    """
+    specs, data_dir, sizes = _check_data(trained, options)
     out_dir.mkdir(parents=True, exist_ok=True)
-    num_classes = len(class_names)
-
-    sampler = explain_lib.ExampleSampler(num_classes, explain_samples, seed=seed)
-    predictions = predict_split(trained, specs, split, data_dir, batch_size, sampler)
-    probs = trained.label_space.probabilities(predictions.outputs, 1.0).numpy()
-    y_pred = probs.argmax(axis=1)
-    y_true = predictions.labels
-    notes: list[str] = []
-
-    # ----------------------------------------------------------- cell level
-    cell = metrics_lib.classification_metrics(y_true, y_pred, probs, class_names)
-    units, unit_text = _clusters(predictions)
-    cell["ci"] = metrics_lib.bootstrap_ci(
-        y_true, y_pred, probs, num_classes, clusters=units, n_resamples=bootstrap, seed=seed
+    ev = _predictions(trained, options, specs, data_dir, sizes)
+    cell = _cell_section(options, ev)
+    calibration, notes = _calibration_section(options, ev)
+    levels = _levels_section(ev)
+    groups = _group_sections(options, ev)
+    figures = _figures(options, ev, cell, calibration, levels, groups, out_dir)
+    explanations = _explanations(trained, ev.sampler, out_dir)
+    data = _data_section(options, ev)
+    caveats = report_lib.caveats(
+        notes,
+        synthetic=any(s.builder_name == "leukemia_synthetic" for s in specs),
+        patient_ids=bool((ev.predictions.patient_id != "").any()),
+        cell=cell,
+        explanation_method=explanations.get("method"),
+        n_excluded=data["n_excluded"],
     )
-    cell["ci"]["unit"] = unit_text
-
-    calibration, temperature = _calibration_section(
-        trained, specs, split, data_dir, batch_size, predictions, which, fit_temperature, notes
-    )
-
-    # ------------------------------------------------------ taxonomy levels
-    level_section = None
-    if trained.taxonomy is not None and predictions.levels is not None:
-        if config.head == "hierarchical":
-            level_probs_dict = trained.label_space.level_probabilities(predictions.outputs)
-            level_probs = [
-                level_probs_dict[f"level_{k}"].numpy() for k in range(trained.taxonomy.num_levels)
-            ]
-        else:
-            level_probs = levels_lib.flat_level_probabilities(probs, class_names, trained.taxonomy)
-        level_section = levels_lib.evaluate_levels(
-            level_probs,
-            predictions.levels,
-            y_pred,
-            class_names,
-            trained.taxonomy,
-            check_marginal_sums=config.head == "hierarchical",
-        )
-        level_section["marginals"] = (
-            "LabelSpace.level_probabilities (product of the per-level conditionals)"
-            if config.head == "hierarchical"
-            else "sums of the flat head's class probabilities under each node"
-        )
-
-    # -------------------------------------------------- slides and patients
-    groups = {
-        key: _group_section(key, feature, predictions, probs, class_names, bootstrap, seed)
-        for key, feature in GROUP_LEVELS
-    }
-
-    # -------------------------------------------------------------- figures
-    figure_paths: dict[str, str] = {}
-
-    def rel(path: str) -> str:
-        return str(Path(path).relative_to(out_dir))
-
-    figure_paths["confusion_matrix"] = rel(
-        figures_lib.confusion_matrix_figure(
-            cell["confusion_matrix"],
-            class_names,
-            out_dir / "confusion_matrix.png",
-            title=f"Cell level, {split} (n={len(y_true)})",
-        )
-    )
-    figure_paths["roc_curves"] = rel(
-        figures_lib.roc_figure(
-            y_true, probs, class_names, out_dir / "roc_curves.png", f"ROC curves, {split}"
-        )
-    )
-    figure_paths["reliability"] = rel(
-        figures_lib.reliability_figure(
-            {
-                f"before (T=1, ECE {calibration['ece_before']:.3f})": calibration[
-                    "reliability_before"
-                ],
-                f"after (T={temperature:.3g}, ECE {calibration['ece_after']:.3f})": calibration[
-                    "reliability_after"
-                ],
-            },
-            out_dir / "reliability.png",
-            f"Reliability diagram, {split}",
-        )
-    )
-    if level_section is not None:
-        for entry in level_section["levels"]:
-            if "greedy" in entry:
-                k = entry["level"]
-                figure_paths[f"confusion_level_{k}"] = rel(
-                    figures_lib.confusion_matrix_figure(
-                        entry["greedy"]["confusion_matrix"],
-                        entry["nodes"],
-                        out_dir / f"confusion_level_{k}.png",
-                        title=f"Taxonomy level {k} (greedy decisions, n={entry['n']})",
-                        no_decision=entry["greedy"].get("no_decision"),
-                    )
-                )
-    for key, section in groups.items():
-        if section.get("methods"):
-            scored = section["methods"]["mean_probability"]
-            figure_paths[f"confusion_{key}"] = rel(
-                figures_lib.confusion_matrix_figure(
-                    scored["confusion_matrix"],
-                    class_names,
-                    out_dir / f"confusion_{key}.png",
-                    title=f"{key.capitalize()} level, mean probability (n={section['n_groups']})",
-                )
-            )
-
-    explanations = _explanations(trained, sampler, out_dir)
-
-    # ------------------------------------------------------------- caveats
-    caveats = list(notes)
-    if any(s.builder_name == "leukemia_synthetic" for s in specs):
-        caveats.insert(
-            0,
-            "SYNTHETIC data: leukemia_synthetic images are generated caricatures of cells. These "
-            "figures test the pipeline and say nothing about performance on real blood smears.",
-        )
-    if not (predictions.patient_id != "").any():
-        caveats.append(
-            "No patient ids in this split: the data set was split by image (or by slide), not "
-            "by patient, so cells of one patient may be in both the training and the evaluated "
-            "split. That leaks patient-specific appearance and usually inflates every figure "
-            "here; confidence intervals resample cells as if independent, which makes them too "
-            "narrow."
-        )
-    if cell["classes_absent"]:
-        caveats.append(
-            f"Classes absent from this split: {', '.join(cell['classes_absent'])}. The model's "
-            "performance on them is unmeasured."
-        )
-    small = [p["name"] for p in cell["per_class"] if 0 < p["support"] < 30]
-    if small:
-        caveats.append(
-            f"Fewer than 30 examples of {', '.join(small)}: their per-class figures are "
-            "imprecise (see the confidence intervals of the headline figures)."
-        )
-    caveats.append(
-        "Cell-level figures count cells; a diagnosis is made per patient. Cells of one patient "
-        "are correlated, which the patient-level bootstrap accounts for only where patient ids "
-        "exist."
-    )
-    if explanations.get("method"):
-        caveats.append(
-            f"{explanations['method']} maps show where the model's evidence lies, not why; they "
-            "are for spotting shortcuts (background, staining, borders), not for diagnosis."
-        )
-
-    present = np.unique(y_true)
     result = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "model": {
-            "model_dir": str(model_dir),
-            "checkpoint": which,
-            "test_time_augmentation": "D4 (8 views, mean logits)" if tta else "none",
-            "backbone": config.backbone,
-            "head": config.head,
-            "label_mode": config.label_mode,
-            "image_size": config.image_size,
-            "class_names": class_names,
-            "taxonomy": trained.taxonomy.source if trained.taxonomy is not None else None,
-        },
-        "data": {
-            "datasets": config.datasets,
-            "data_dir": data_dir,
-            "split": split,
-            "n_examples": len(y_true),
-            "n_in_split": int(sum(sizes.values())),
-            "n_excluded": int(sum(sizes.values()) - len(y_true)),
-            "class_counts": {name: int((y_true == c).sum()) for c, name in enumerate(class_names)},
-            "n_classes_present": int(len(present)),
-            "n_patients": int(len(set(predictions.patient_id[predictions.patient_id != ""]))),
-            "n_slides": int(len(set(predictions.slide_id[predictions.slide_id != ""]))),
-            "sources": sorted(set(predictions.source.tolist())),
-        },
-        "decisions": (
-            "argmax of the class probabilities at temperature 1"
-            + (
-                " (hierarchical head: the marginal probability of each class node, the "
-                "product of the per-level conditionals along its path)"
-                if config.head == "hierarchical"
-                else ""
-            )
-        ),
+        "model": _model_section(options, trained),
+        "data": data,
+        "decisions": report_lib.decisions(trained.config.head == "hierarchical"),
         "cell": cell,
         "calibration": calibration,
-        "levels": level_section,
+        "levels": levels,
         "slide": groups["slide"],
         "patient": groups["patient"],
         "explanations": explanations,
-        "figures": figure_paths,
+        "figures": figures,
         "caveats": caveats,
-        "bootstrap": {"n_resamples": bootstrap, "seed": seed, "unit": unit_text},
+        "bootstrap": {
+            "n_resamples": options.bootstrap,
+            "seed": options.seed,
+            "unit": cell["ci"]["unit"],
+        },
     }
-    if result["data"]["n_excluded"]:
-        caveats.append(
-            f"{result['data']['n_excluded']} examples of the split are not evaluated: their "
-            "labels map to null in the taxonomy (excluded on purpose, e.g. smudge cells)."
-        )
-    result["seconds"] = round(time.time() - start, 2)
-    result = _jsonable(result)
-    metrics_path = out_dir / METRICS_FILE
-    metrics_path.write_text(json.dumps(result, indent=2) + "\n")
-    report_path = report_lib.write_report(result, out_dir / REPORT_FILE)
-    result.update(
-        out_dir=str(out_dir), metrics_path=str(metrics_path), report_path=str(report_path)
-    )
-    return result
+    return _write(result, out_dir, start)

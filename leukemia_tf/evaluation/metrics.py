@@ -12,9 +12,16 @@ Conventions (stated in every report):
   precision.
 * ROC-AUC is one-vs-rest per class, on that class's probability.
 
-The point estimates use scikit-learn. The bootstrap replicates use the same
-definitions computed from confusion counts and ranks in NumPy (thousands of
-replicates in a second or two); the tests check that both agree.
+Accuracy, balanced accuracy and macro-F1 are defined once, on confusion
+counts (:func:`headline_from_confusion`; :func:`decision_metrics` from labels
+and predictions): the point estimates, the bootstrap replicates (thousands in
+a second or two), the slide and patient aggregates and the training loop's
+validation figures all use it. The per-class table uses scikit-learn, and
+ROC-AUC is scikit-learn's for the point estimate and a rank formula in NumPy
+for the replicates; the tests check these against scikit-learn.
+
+Importing this module is light (NumPy and scikit-learn's metrics, no
+TensorFlow or matplotlib), so the training loop can use it.
 """
 
 from __future__ import annotations
@@ -127,18 +134,12 @@ def classification_metrics(
             f"classes absent from the evaluated labels: {absent}; they have no recall, F1 or "
             f"ROC-AUC, and macro averages run over the {len(present)} present classes"
         )
+    headline = decision_metrics(y_true, y_pred, num_classes)
     out = {
         "n": n,
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        # Balanced accuracy = mean recall over the classes present in y_true
-        # (sklearn's balanced_accuracy_score; written this way so that a
-        # NO_DECISION prediction is not mistaken for a class).
-        "balanced_accuracy": float(
-            skm.recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
-        ),
-        "macro_f1": float(
-            skm.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
-        ),
+        "accuracy": headline["accuracy"],
+        "balanced_accuracy": headline["balanced_accuracy"],
+        "macro_f1": headline["macro_f1"],
         "macro_roc_auc": _optional(np.nanmean(roc_auc[present]))
         if probs is not None and np.isfinite(roc_auc[present]).any()
         else None,
@@ -166,8 +167,20 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 def headline_from_confusion(counts: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy and macro-F1 from :func:`confusion_counts`.
 
-    The same definitions as :func:`classification_metrics` (macro averages
-    over the classes with support).
+    The one definition of these three figures in the package. Balanced
+    accuracy is the mean recall over the classes with support (scikit-learn's
+    ``balanced_accuracy_score``); macro-F1 is the mean F1 over the same
+    classes (``f1_score(labels=<classes present>, average="macro")``; with
+    every class present that is the F1 over all classes). A class without
+    support has no recall; predictions into it still count against the
+    true class's recall and F1. A ``NO_DECISION`` counts as wrong. With no
+    examples every figure is NaN.
+
+    Args:
+      counts: ``[C, C + 1]`` counts from :func:`confusion_counts`.
+
+    Returns:
+      ``{"accuracy", "balanced_accuracy", "macro_f1"}``, floats.
     """
     num_classes = counts.shape[0]
     tp = np.diag(counts[:, :num_classes]).astype(np.float64)
@@ -185,6 +198,28 @@ def headline_from_confusion(counts: np.ndarray) -> dict[str, float]:
         "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
         "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
     }
+
+
+def decision_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1 of decisions (:func:`headline_from_confusion`).
+
+    Args:
+      y_true: int ``[N]`` true classes in ``[0, num_classes)``.
+      y_pred: int ``[N]`` predicted classes (``NO_DECISION`` allowed), e.g.
+        the argmax of the class probabilities.
+      num_classes: ``C``.
+
+    Returns:
+      ``{"accuracy", "balanced_accuracy", "macro_f1"}``, floats (NaN for no
+      examples).
+
+    Raises:
+      ValueError: labels or predictions out of range, or of different shapes.
+    """
+    y_true = np.asarray(y_true, np.int64)
+    y_pred = np.asarray(y_pred, np.int64)
+    _check(y_true, y_pred, num_classes)
+    return headline_from_confusion(confusion_counts(y_true, y_pred, num_classes))
 
 
 def fast_roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:

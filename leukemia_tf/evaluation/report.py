@@ -1,10 +1,16 @@
-"""The Markdown report of an evaluation, written from the ``metrics.json`` contents.
+"""The Markdown report of an evaluation, and all of its prose.
 
 Written for a clinical reader first: what was evaluated on which data, the
 headline figures with 95% confidence intervals, sensitivity and specificity
 per class, where the model errs (confusion matrices), whether its
 probabilities can be taken at face value (calibration), and the caveats that
 limit what the numbers mean. Every figure is a PNG next to the report.
+
+:func:`render` writes the report from the ``metrics.json`` contents. The
+sentences ``metrics.json`` itself carries (caveats, calibration notes, what a
+decision rule or a bootstrap unit is) are worded here too, by the functions
+under "Text of metrics.json", so that all report text lives in one module;
+``evaluate_lib`` decides which apply.
 """
 
 from __future__ import annotations
@@ -15,6 +21,212 @@ from pathlib import Path
 
 #: Group tables list at most this many slides / patients (all are in metrics.json).
 MAX_GROUP_ROWS = 50
+
+#: Classes with fewer evaluated examples than this get the imprecision caveat.
+SMALL_SUPPORT = 30
+
+#: First word of the synthetic-data caveat, which the report also shows as a banner.
+SYNTHETIC = "SYNTHETIC"
+
+
+# ------------------------------------------------------ text of metrics.json
+def tta_description(tta: bool) -> str:
+    """``model.test_time_augmentation``: the views averaged, or none."""
+    return "D4 (8 views, mean logits)" if tta else "none"
+
+
+def decisions(hierarchical: bool) -> str:
+    """``decisions``: the rule that turns probabilities into the scored class."""
+    return "argmax of the class probabilities at temperature 1" + (
+        " (hierarchical head: the marginal probability of each class node, the "
+        "product of the per-level conditionals along its path)"
+        if hierarchical
+        else ""
+    )
+
+
+def resampled_groups(name: str, n_groups: int, n_single: int = 0) -> str:
+    """A bootstrap unit of whole groups: ``"patients (12 patients)"``.
+
+    Args:
+      name: the group, singular (``"patient"``, ``"slide"``).
+      n_groups: how many there are.
+      n_single: cells without a group id, resampled one by one.
+    """
+    text = f"{name}s ({n_groups} {name}s"
+    return text + (f"; {n_single} cells without a {name} id resampled singly)" if n_single else ")")
+
+
+def resampled_cells(n_cells: int) -> str:
+    """The bootstrap unit when the split identifies no patients or slides."""
+    return f"cells ({n_cells} cells; the split carries no patient or slide ids)"
+
+
+def no_group_ids(feature: str) -> str:
+    """Why a slide or patient section is unavailable."""
+    return f"the split carries no {feature}"
+
+
+def level_marginals(hierarchical: bool) -> str:
+    """``levels.marginals``: where the per-level node probabilities come from."""
+    if hierarchical:
+        return "LabelSpace.level_probabilities (product of the per-level conditionals)"
+    return "sums of the flat head's class probabilities under each node"
+
+
+def calibration_binning(n_bins: int) -> str:
+    """``calibration.binning``: the bins of the ECE and the reliability diagram."""
+    return (
+        f"{n_bins} equal-width bins (b/{n_bins}, (b+1)/{n_bins}] on the maximum class probability"
+    )
+
+
+def temperature_not_refitted(temperature: float) -> str:
+    """Note: the evaluation used the stored temperature."""
+    return f"temperature not refitted; using the stored T={temperature:.4g}"
+
+
+def temperature_unusable(val_split: str, error: Exception) -> str:
+    """Note: no temperature fitted, the validation split could not be read."""
+    return f"temperature not fitted: validation split {val_split!r} unusable ({error})"
+
+
+def temperature_at_edge(temperature: float, low: float, high: float) -> str:
+    """Note: the fitted temperature hit the searched range ``[low, high]``."""
+    return (
+        f"the fitted temperature T={temperature:.3g} sits at the edge of the searched "
+        f"range [{low}, {high}]: the model's confidence is far off (an undertrained "
+        "model, or a validation split unlike the training data)"
+    )
+
+
+def temperature_fitted_on_evaluated(split: str) -> str:
+    """Note: the temperature was fitted on the split being evaluated."""
+    return (
+        f"the temperature was fitted on the evaluated split {split!r} itself: its "
+        "calibrated figures are optimistic"
+    )
+
+
+def temperature_fitted_on_training(val_split: str, train_split: str) -> str:
+    """Note: the temperature was fitted on data the model was trained on (not stored)."""
+    return (
+        f"the temperature was fitted on {val_split!r}, which the model was trained on "
+        f"(--train_split={train_split!r}): it is reported but not "
+        "stored, and the calibrated figures mean little; fit it on held-out data"
+    )
+
+
+#: Note: a temperature fitted with test-time augmentation is not stored.
+TEMPERATURE_TTA_NOT_STORED = (
+    "temperature fitted on the test-time-augmented outputs is reported but not "
+    "stored (calibration.json belongs to the single-view model that export serves)"
+)
+
+
+def temperature_checkpoint_not_stored(which: str) -> str:
+    """Note: a temperature fitted for a checkpoint other than ``best`` is not stored."""
+    return (
+        f"temperature fitted for the '{which}' checkpoint is reported but not stored "
+        "(calibration.json belongs to the best checkpoint, which export serves)"
+    )
+
+
+#: ``explanations.note`` when explanations are switched off.
+EXPLANATIONS_OFF = "explanations switched off (explain_samples=0)"
+
+
+def no_explainer(error: Exception) -> str:
+    """``explanations.note`` when the backbone has no explanation method."""
+    return f"no explanation method for this backbone: {error}"
+
+
+def coarse_explanations(grid: Sequence[int], image_size: int) -> str:
+    """``explanations.note`` when the explained feature map is tiny."""
+    return (
+        f"the explained map is only {grid[0]}x{grid[1]} at this image "
+        f"size ({image_size} px): the heat maps are coarse"
+    )
+
+
+def explanation_what(method: str) -> str:
+    """``explanations.what``: what the maps of ``method`` show."""
+    if method == "Grad-CAM":
+        return "Grad-CAM of the predicted class"
+    return "Attention rollout of the class token (class-agnostic)"
+
+
+def explanations_stopped(note: str, error: Exception) -> str:
+    """``explanations.note`` after a failure part way (``note``: the note so far)."""
+    return (note + "; " if note else "") + f"explanations stopped: {type(error).__name__}: {error}"
+
+
+def caveats(
+    notes: Sequence[str],
+    *,
+    synthetic: bool,
+    patient_ids: bool,
+    cell: dict,
+    explanation_method: str | None,
+    n_excluded: int,
+) -> list[str]:
+    """The caveats of an evaluation, most important first.
+
+    Args:
+      notes: notes of the evaluation so far (calibration), kept in order.
+      synthetic: the data include the synthetic set.
+      patient_ids: the split identifies patients.
+      cell: the cell-level scores (:func:`metrics.classification_metrics`).
+      explanation_method: the method of the explanation maps, or ``None``.
+      n_excluded: examples of the split whose labels map to null.
+
+    Returns:
+      One sentence or short paragraph per caveat.
+    """
+    out = list(notes)
+    if synthetic:
+        out.insert(
+            0,
+            f"{SYNTHETIC} data: leukemia_synthetic images are generated caricatures of cells. "
+            "These figures test the pipeline and say nothing about performance on real blood "
+            "smears.",
+        )
+    if not patient_ids:
+        out.append(
+            "No patient ids in this split: the data set was split by image (or by slide), not "
+            "by patient, so cells of one patient may be in both the training and the evaluated "
+            "split. That leaks patient-specific appearance and usually inflates every figure "
+            "here; confidence intervals resample cells as if independent, which makes them too "
+            "narrow."
+        )
+    if cell["classes_absent"]:
+        out.append(
+            f"Classes absent from this split: {', '.join(cell['classes_absent'])}. The model's "
+            "performance on them is unmeasured."
+        )
+    small = [p["name"] for p in cell["per_class"] if 0 < p["support"] < SMALL_SUPPORT]
+    if small:
+        out.append(
+            f"Fewer than {SMALL_SUPPORT} examples of {', '.join(small)}: their per-class figures "
+            "are imprecise (see the confidence intervals of the headline figures)."
+        )
+    out.append(
+        "Cell-level figures count cells; a diagnosis is made per patient. Cells of one patient "
+        "are correlated, which the patient-level bootstrap accounts for only where patient ids "
+        "exist."
+    )
+    if explanation_method:
+        out.append(
+            f"{explanation_method} maps show where the model's evidence lies, not why; they "
+            "are for spotting shortcuts (background, staining, borders), not for diagnosis."
+        )
+    if n_excluded:
+        out.append(
+            f"{n_excluded} examples of the split are not evaluated: their "
+            "labels map to null in the taxonomy (excluded on purpose, e.g. smudge cells)."
+        )
+    return out
+
 
 _HEADLINE_NAMES = {
     "accuracy": "Accuracy",
@@ -105,7 +317,7 @@ def render(result: dict) -> str:
         f"[{data['split']}]",
         "",
     ]
-    synthetic = [c for c in result["caveats"] if c.startswith("SYNTHETIC")]
+    synthetic = [c for c in result["caveats"] if c.startswith(SYNTHETIC)]
     if synthetic:
         lines += [f"> **{synthetic[0]}**", ""]
 

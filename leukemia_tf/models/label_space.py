@@ -54,7 +54,7 @@ class LabelSpace:
         if self.head == "flat":
             return tf.nn.softmax(outputs["logits"], axis=-1)
         marginals = heads.node_probabilities(outputs, self.taxonomy)
-        columns = [marginals[f"level_{level}"][:, index] for level, index in self._where]
+        columns = [marginals[heads.level_key(level)][:, index] for level, index in self._where]
         return tf.stack(columns, axis=-1)
 
     def targets(self, batch: dict) -> tf.Tensor | dict:
@@ -63,7 +63,7 @@ class LabelSpace:
             return tf.one_hot(batch["label"], self.num_classes, dtype=tf.float32)
         levels = batch["levels"]
         return {
-            f"level_{k}": tf.one_hot(levels[:, k], len(nodes), dtype=tf.float32)
+            heads.level_key(k): tf.one_hot(levels[:, k], len(nodes), dtype=tf.float32)
             for k, nodes in enumerate(self.taxonomy.levels)
         }
 

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from leukemia_tf.data import preprocessing
+from leukemia_tf.models.heads import level_key
 from leukemia_tf.models.label_space import LabelSpace
 
 #: Signature names (``serving_default`` is what TF Serving uses by default).
@@ -87,7 +88,7 @@ def greedy_decisions(level_probs: Mapping[str, tf.Tensor], label_space: LabelSpa
     chosen = []
     previous = None
     for level in range(taxonomy.num_levels):
-        probs = level_probs[f"level_{level}"]
+        probs = level_probs[level_key(level)]
         if previous is None:
             allowed = tf.ones_like(probs, tf.bool)
         else:
@@ -131,7 +132,7 @@ def postprocess(
             # Index len(nodes) is the "" of an undecided level.
             level_names = tf.constant([*levels[level], ""], tf.string)
             index = tf.where(index < 0, len(levels[level]), index)
-            out[level_probabilities_key(level)] = level_probs[f"level_{level}"]
+            out[level_probabilities_key(level)] = level_probs[level_key(level)]
             out[level_names_key(level)] = tf.gather(level_names, index)
     return out
 
