@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from leukemia_tf.evaluation import metrics
 from leukemia_tf.models import augment
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.training import ema, schedules
@@ -215,9 +216,7 @@ class Evaluator:
         model: keras.Model,
         space: LabelSpace,
         level_weights: Sequence[float] | None,
-        metrics_fn: Callable[[np.ndarray, np.ndarray, int], dict],
     ):
-        self.metrics_fn = metrics_fn
         self.num_classes = space.num_classes
 
         @tf.function
@@ -248,6 +247,6 @@ class Evaluator:
                 f"validation saw {len(labels_np)} examples of --val_split={split!r}, "
                 f"expected {num_examples}"
             )
-        out = self.metrics_fn(labels_np, probs_np, self.num_classes)
+        out = metrics.decision_metrics(labels_np, probs_np.argmax(axis=-1), self.num_classes)
         out["loss"] = float(np.mean(np.concatenate(losses)))
         return {f"val_{k}": v for k, v in out.items()}

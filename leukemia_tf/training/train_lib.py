@@ -41,7 +41,6 @@ from absl import logging
 from leukemia_tf import rundir
 from leukemia_tf.data import build as build_lib
 from leukemia_tf.data import pipeline
-from leukemia_tf.evaluation import metrics
 from leukemia_tf.models import augment, classifier
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.training import distribute, ema, inputs, model_factory, run_state, steps
@@ -241,12 +240,6 @@ def _prepare_data(config, strategy, chief: bool, skip_steps) -> _Data:
     )
 
 
-def _epoch_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
-    """Accuracy, balanced accuracy and macro-F1 of argmax predictions, over the classes present."""
-    predicted = probs.argmax(axis=-1)
-    return metrics.headline_from_confusion(metrics.confusion_counts(labels, predicted, num_classes))
-
-
 def _nonfinite_hint(config: TrainConfig, model_dir: str, state: run_state.RunState) -> str:
     done = int(state.epoch.numpy())
     lower = f"--learning_rate={config.learning_rate / 10:g}"
@@ -384,7 +377,7 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
         batchnorm_ema=batchnorm_ema,
         mix_seed=mix_seed,
     )
-    evaluate = steps.Evaluator(strategy, model, space, data.level_weights, _epoch_metrics)
+    evaluate = steps.Evaluator(strategy, model, space, data.level_weights)
     iterator = iter(data.train_ds)
     train_fn, stage, finished = None, None, True
     for epoch in range(start_epoch, config.epochs):
