@@ -33,8 +33,9 @@ DATA_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 # Statistics bands at the default magnitude (0.5), checked per component on
 # batches of cell images, as fractions of the original batch mean / std and
-# in grey levels per image. The Keras saturation pitfall (DESIGN.md) moves
-# the mean of noise images by 49%; these bands catch anything of that kind.
+# in grey levels per image. Keras' RandomSaturation(0.15) (0.5 is its identity,
+# so it samples factors in [0, 0.15] and desaturates hard) moves the mean of
+# noise images by 49%; these bands catch anything of that kind.
 COLOR_MEAN_BAND = 0.03
 COLOR_STD_BAND = 0.15
 COLOR_PER_IMAGE_LEVELS = 13.0  # brightness is +-12.75 at magnitude 0.5

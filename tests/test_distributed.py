@@ -123,7 +123,8 @@ def test_tpu_flag_needs_tpu_strategy():
         TrainConfig(model_dir="x", strategy="tpu").validate()
 
 
-def test_recipe_runs_on_tpu_with_only_strategy_flags():
+def test_recipe_runs_on_tpu_with_only_strategy_flags(monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe includes configs/base_finetune.flags, cwd-relative
     recipe = REPO / "configs" / "finetune_efficientnetv2_b0_hierarchical.flags"
     cfg = config_lib.parse_flagfile(recipe, ["--strategy=tpu", "--tpu=local"])
     cfg.validate()
@@ -445,7 +446,8 @@ def _train_flags(source: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["colab_tpu.ipynb", "colab_gpu.ipynb"])
-def test_colab_notebooks_are_valid_and_run_the_recipe(name):
+def test_colab_notebooks_are_valid_and_run_the_recipe(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # as the notebooks' `cd "$SRC"`: recipes include configs/base_*
     nb = json.loads((REPO / "tools" / name).read_text())
     assert nb["nbformat"] == 4 and nb["nbformat_minor"] >= 4
     ids = [cell["id"] for cell in nb["cells"]]

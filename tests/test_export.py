@@ -322,11 +322,34 @@ def test_saved_model_cli_lists_signatures(exports):
             assert tensor(block, "outputs", f"level_{k}_names") == ("DT_STRING", "(-1)")
 
 
+def _read_warmup_records(version_dir) -> list:
+    """The warmup file's records, read as TF Serving does: a TFRecord file of PredictionLog."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(os.fspath(version_dir), warmup.WARMUP_RELPATH)
+    return [
+        prediction_log_pb2.PredictionLog.FromString(raw)
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator()
+    ]
+
+
+def _replay(model, records) -> list[dict]:
+    """Runs PredictionLog records through a loaded SavedModel, as TF Serving's warmup does."""
+    results = []
+    for log in records:
+        request = log.predict_log.request
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        # An empty signature name means serving_default to TF Serving.
+        name = request.model_spec.signature_name or signatures.SERVING_DEFAULT
+        results.append(_run_signature(model, name, inputs))
+    return results
+
+
 def test_warmup_file_parses_and_replays(exports, loaded):
     from tensorflow_serving.apis import prediction_log_pb2
 
     export = exports["hierarchical"]
-    records = warmup.read_warmup_file(export.path)
+    records = _read_warmup_records(export.path)
     assert all(isinstance(r, prediction_log_pb2.PredictionLog) for r in records)
     requests = [r.predict_log.request for r in records]
     assert [r.model_spec.signature_name for r in requests] == [
@@ -342,7 +365,7 @@ def test_warmup_file_parses_and_replays(exports, loaded):
         tf.io.is_jpeg(b) or b[:4] == b"\x89PNG" for b in real
     )
 
-    results = warmup.replay(loaded["hierarchical"], records)
+    results = _replay(loaded["hierarchical"], records)
     assert [len(r["probabilities"]) for r in results] == [4, 4, 1, 1]
     want = _keras_expected(export.model_dir, real)
     np.testing.assert_allclose(results[0]["probabilities"], want["probabilities"], atol=TOLERANCE)
@@ -487,7 +510,7 @@ def test_grpc_request_fed_through_the_signature(loaded):
     log = prediction_log_pb2.PredictionLog(
         predict_log=prediction_log_pb2.PredictLog(request=request)
     )
-    replayed = warmup.replay(loaded["flat"], [log])[0]
+    replayed = _replay(loaded["flat"], [log])[0]
     direct = _run_signature(loaded["flat"], "serving_default", {"image_bytes": tf.constant(images)})
     np.testing.assert_array_equal(replayed["probabilities"], direct["probabilities"])
 

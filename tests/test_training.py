@@ -18,13 +18,24 @@ from conftest import tiny_train_config
 from leukemia_tf.training import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
-# The tune_* flagfiles take the search flags too; tests/test_tuning.py parses them.
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.flags") if not p.name.startswith("tune"))
+# base_* flagfiles hold the lines that several recipes share; they are not recipes (no
+# model_dir), so they are checked on their own below. The tune_* flagfiles take the search
+# flags too; tests/test_tuning.py parses them.
+BASES = sorted((REPO / "configs").glob("base_*.flags"))
+CONFIGS = sorted(
+    p for p in (REPO / "configs").glob("*.flags") if not p.name.startswith(("tune", "base_"))
+)
+
+
+def _flag_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.startswith("-")]
 
 
 # ------------------------------------------------------------------ configs
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_flagfile_parses_and_validates(path):
+def test_every_flagfile_parses_and_validates(path, monkeypatch):
+    # absl opens a nested --flagfile=configs/base_*.flags relative to the working directory.
+    monkeypatch.chdir(REPO)
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path.name} must start with a comment giving its command"
     assert f"configs/{path.name}" in path.read_text(), (
@@ -32,6 +43,28 @@ def test_every_flagfile_parses_and_validates(path):
     )
     cfg = config_lib.parse_flagfile(path)
     cfg.validate()
+
+
+@pytest.mark.parametrize("path", BASES, ids=lambda p: p.name)
+def test_base_flagfiles_are_shared_lines_not_recipes(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    include = f"--flagfile=configs/{path.name}"
+    assert path.read_text().startswith("#") and include in path.read_text(), (
+        f"{path.name} must start with a comment showing how a recipe includes it"
+    )
+    lines = _flag_lines(path)
+    # Every line is a known flag with a valid value, but the base alone is no recipe: no output
+    # directory (a run of it would share one) and no nested include.
+    config_lib.parse_flagfile(path)
+    assert not [line for line in lines if line.startswith(("--model_dir", "--flagfile"))]
+    users = [p for p in CONFIGS if include in _flag_lines(p)]
+    assert users, f"no recipe includes {path.name}"
+    for user in users:
+        own = _flag_lines(user)
+        # First, so that the recipe's own lines override the base.
+        assert own[0] == include, f"{user.name}: put {include} before its own flags"
+        repeated = sorted(set(own) & set(lines))
+        assert not repeated, f"{user.name} repeats lines of {path.name}: {repeated}"
 
 
 def test_bad_values_name_the_flag():

@@ -17,9 +17,11 @@ Design decisions:
   evidence. One ``magnitude`` in [0, 1] scales all colour factors
   (:func:`color_factors`); 0 is the exact identity.
 * Keras' ``RandomSaturation`` is not used: its factor is on a scale where 0.5
-  is the identity (DESIGN.md), and with ``value_range=(0, 255)`` it clips the
-  HSV saturation to [0, 255] instead of [0, 1], so raising the saturation
-  produces negative pixels. :class:`RandomSaturation` here blends with the
+  is the identity (0 is greyscale, 1 full saturation) and a single float ``f``
+  samples in [0, f], so ``RandomSaturation(0.15)``, read as a +-15 % jitter,
+  desaturates every image hard and pushes it far from the data; and with
+  ``value_range=(0, 255)`` it clips the HSV saturation to [0, 255] instead of
+  [0, 1], so raising the saturation produces negative pixels. :class:`RandomSaturation` here blends with the
   luminance instead.
 * With ``training`` False or None the augmenter returns its input unchanged
   (evaluation, inference, export).

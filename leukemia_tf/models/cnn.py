@@ -28,7 +28,10 @@ CNN_CONFIGS = {
     "cnn_medium": (32, (64, 128, 256, 512), (1, 2, 2, 1)),
 }
 
-#: From-scratch default (see DESIGN.md, "BatchNorm momentum").
+#: From-scratch default. With keras.applications' 0.99 the moving statistics
+#: (an average over ~100 steps) lag the fast-changing weights of a network trained
+#: from scratch on a few thousand images, and validation, which normalises with
+#: them, stayed at chance for ten epochs.
 DEFAULT_BN_MOMENTUM = 0.9
 
 
