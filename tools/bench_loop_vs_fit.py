@@ -1,7 +1,7 @@
 r"""The package's training loop against Keras ``Model.fit``: images/s on the same model and data.
 
 The package trains with its own ``strategy.run`` loop (``train(config,
-callbacks)``, today in :mod:`leukemia_tf.training.engine`) because
+callbacks)`` in :mod:`leukemia_tf.training.train_lib`) because
 ``Model.fit`` fails under ``MultiWorkerMirroredStrategy``. This tool measures
 what the loop costs or saves against ``fit`` where ``fit`` does work, per
 strategy, in ONE process:
@@ -126,17 +126,24 @@ def _split_cpu() -> None:
     )
 
 
-def _train_fn():
-    """The loop's public entry point ``train(config, callbacks=())``.
+def _training_modules():
+    """``(module with train(config, callbacks), module with the input functions)``.
 
-    It may move out of :mod:`leukemia_tf.training.engine`; if it does, the
-    import below is the one line to change.
+    The loop lives in ``train_lib`` and ``inputs``; code before the loop was
+    split into parts (commit 7ec5d72 and older) had both in ``engine``, so the
+    same tool measures a tree before and after that change.
     """
-    from leukemia_tf.training import engine as train_module
+    try:
+        from leukemia_tf.training import inputs, train_lib
+    except ImportError:
+        from leukemia_tf.training import engine
 
-    if not hasattr(train_module, "train"):
-        raise SystemExit(f"{train_module.__name__} has no train(): point _train_fn at its module")
-    return train_module.train
+        return engine, engine
+    return train_lib, inputs
+
+
+def _train_fn():
+    return _training_modules()[0].train
 
 
 def bench_config(strategy: str, model_dir: str):
@@ -186,7 +193,7 @@ def measure_fit(config) -> list[float]:
     from leukemia_tf.data import pipeline
     from leukemia_tf.models import augment
     from leukemia_tf.models.label_space import LabelSpace
-    from leukemia_tf.training import distribute, engine, model_factory, schedules
+    from leukemia_tf.training import distribute, model_factory, schedules
 
     keras.utils.set_random_seed(config.seed)
     strategy = distribute.make_strategy(config.strategy, config.tpu)
@@ -199,8 +206,9 @@ def measure_fit(config) -> list[float]:
         config.head,
         taxonomy,
     )
-    image_dtype = engine.input_image_dtype(strategy)
-    loop_input = engine.train_input_fn(config, specs, data_dir, taxonomy, image_dtype)
+    inputs = _training_modules()[1]
+    image_dtype = inputs.input_image_dtype(strategy)
+    loop_input = inputs.train_input_fn(config, specs, data_dir, taxonomy, image_dtype)
 
     def input_fn(ctx):
         # The loop's batches; the one-hot targets are what its step makes of the labels.
