@@ -847,9 +847,11 @@ def _write(result: dict, out_dir: Path, start: float) -> dict:
     """
     result["seconds"] = round(time.time() - start, 2)
     result = _jsonable(result)
+    # Whole or not at all: a killed evaluation leaves no report that looks complete.
     metrics_path = out_dir / METRICS_FILE
-    metrics_path.write_text(json.dumps(result, indent=2) + "\n")
-    report_path = report_lib.write_report(result, out_dir / REPORT_FILE)
+    rundir.write_text(str(metrics_path), json.dumps(result, indent=2) + "\n")
+    report_path = out_dir / REPORT_FILE
+    rundir.write_text(str(report_path), report_lib.render(result))
     result.update(
         out_dir=str(out_dir), metrics_path=str(metrics_path), report_path=str(report_path)
     )

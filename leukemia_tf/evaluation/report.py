@@ -15,7 +15,6 @@ under "Text of metrics.json", so that all report text lives in one module;
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -556,10 +555,3 @@ def _group_section(key: str, section: dict, names: Sequence[str], figures: dict)
     if len(groups) > MAX_GROUP_ROWS:
         lines += [f"First {MAX_GROUP_ROWS} of {len(groups)} {key}s; all are in metrics.json.", ""]
     return lines
-
-
-def write_report(result: dict, path: str | os.PathLike) -> Path:
-    """Writes :func:`render` of ``result`` to ``path`` and returns the path."""
-    path = Path(path)
-    path.write_text(render(result))
-    return path
