@@ -408,6 +408,115 @@ def _cache_file(prefix: str, builder, split: str, image_size: int, key: str, sha
     return f"{prefix}{safe}_{image_size}px_{key}_pp{preprocessing.PREPROCESSING_VERSION}{shard}"
 
 
+@dataclasses.dataclass(frozen=True)
+class _SplitRead:
+    """How :func:`load_split` reads every data set of its mixture (resolved arguments)."""
+
+    split: str
+    image_size: int
+    training: bool
+    label_mode: str
+    cache: bool | str
+    shuffle_buffer: int
+    seed: int | None
+    repeat: bool | int
+    options: tf.data.Options
+    input_context: tf.distribute.InputContext | None
+    num_pipelines: int
+    pipeline_id: int
+
+
+def _load_one(
+    spec: DataSpec, builder, labels: _Labels, index: int, read: _SplitRead
+) -> tf.data.Dataset:
+    """One data set of a mixture: read, relabelled, decoded, cached, shuffled and repeated.
+
+    Args:
+      spec: the data set.
+      builder: its prepared TFDS builder.
+      labels: the mixture's label tables; ``index`` is ``spec``'s position in them.
+      index: position of ``spec`` in the mixture.
+      read: the resolved arguments of :func:`load_split`.
+
+    Returns:
+      Unbatched examples (see :func:`load_split`).
+    """
+    split, num_pipelines = read.split, read.num_pipelines
+    table = labels.tables[index]
+    levels = labels.levels[index] if labels.levels is not None else None
+    try:
+        num_files = len(builder.info.splits[split].file_instructions)
+    except (KeyError, ValueError):
+        num_files = 0  # as_dataset below raises the clear error
+    # Shard by files when there are enough of them; else by examples.
+    file_shard = num_pipelines > 1 and num_files >= num_pipelines
+    example_shard = num_pipelines > 1 and not file_shard
+    read_config = tfds.ReadConfig(
+        shuffle_seed=read.seed,
+        # The cache below holds decoded pixels; TFDS caching the encoded
+        # bytes too would only cost memory.
+        try_autocache=False,
+        input_context=read.input_context if file_shard else None,
+        # Example sharding needs the same order in every pipeline.
+        num_parallel_calls_for_decode=1 if example_shard else None,
+        options=read.options,
+    )
+    ds = _as_dataset(
+        spec,
+        builder,
+        split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        # Example-level sharding needs the same file order on every worker.
+        shuffle_files=read.training and not example_shard,
+        read_config=read_config,
+    )
+    if example_shard:
+        logging.warning(
+            "%s[%s]: %d file(s) for %d input pipelines: sharding by example "
+            "(each pipeline reads all files).",
+            spec.name,
+            split,
+            num_files,
+            num_pipelines,
+        )
+        ds = ds.shard(num_pipelines, read.pipeline_id)
+
+    image_size = read.image_size
+    relabel = label_map(table, levels)
+    if (table < 0).any():
+        ds = ds.map(_no_autograph(relabel), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.filter(_no_autograph(keep_labelled))
+        prepare = _no_autograph(lambda ex: preprocessing.decode_example(ex, image_size))
+    else:
+        # One fused map: a cheap relabel plus the decode.
+        prepare = _no_autograph(
+            lambda ex, relabel=relabel: preprocessing.decode_example(relabel(ex), image_size)
+        )
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+    if read.cache is not False:
+        if isinstance(read.cache, str):
+            key = read.label_mode
+            if labels.levels is not None:
+                digest = hashlib.sha1(repr((labels.names, table.tolist())).encode())
+                key += "-" + digest.hexdigest()[:8]
+            shard = f"_shard{read.pipeline_id}of{num_pipelines}" if num_pipelines > 1 else ""
+            filename = _cache_file(read.cache, builder, split, image_size, key, shard)
+            parent = os.path.dirname(filename)
+            if parent:
+                tf.io.gfile.makedirs(parent)
+            ds = ds.cache(filename)
+        else:
+            ds = ds.cache()
+    if read.training:
+        ds = ds.shuffle(read.shuffle_buffer, seed=read.seed, reshuffle_each_iteration=True)
+    if read.repeat is True:
+        ds = ds.repeat()
+    elif read.repeat is not False and read.repeat > 1:
+        ds = ds.repeat(read.repeat)
+    return ds
+
+
 def load_split(
     specs: Sequence[DataSpec] | str,
     split: str,
@@ -508,80 +617,24 @@ def load_split(
         # map, which would reorder it when `deterministic` is False.
         options.experimental_optimization.map_parallelization = False
 
-    datasets = []
-    for i, (spec, builder) in enumerate(zip(specs, builders, strict=True)):
-        table = labels.tables[i]
-        levels = labels.levels[i] if labels.levels is not None else None
-        try:
-            num_files = len(builder.info.splits[split].file_instructions)
-        except (KeyError, ValueError):
-            num_files = 0  # as_dataset below raises the clear error
-        # Shard by files when there are enough of them; else by examples.
-        file_shard = num_pipelines > 1 and num_files >= num_pipelines
-        example_shard = num_pipelines > 1 and not file_shard
-        read_config = tfds.ReadConfig(
-            shuffle_seed=seed,
-            # The cache below holds decoded pixels; TFDS caching the encoded
-            # bytes too would only cost memory.
-            try_autocache=False,
-            input_context=input_context if file_shard else None,
-            # Example sharding needs the same order in every pipeline.
-            num_parallel_calls_for_decode=1 if example_shard else None,
-            options=options,
-        )
-        ds = _as_dataset(
-            spec,
-            builder,
-            split,
-            decoders={"image": tfds.decode.SkipDecoding()},
-            # Example-level sharding needs the same file order on every worker.
-            shuffle_files=training and not example_shard,
-            read_config=read_config,
-        )
-        if example_shard:
-            logging.warning(
-                "%s[%s]: %d file(s) for %d input pipelines: sharding by example "
-                "(each pipeline reads all files).",
-                spec.name,
-                split,
-                num_files,
-                num_pipelines,
-            )
-            ds = ds.shard(num_pipelines, pipeline_id)
-
-        relabel = label_map(table, levels)
-        if (table < 0).any():
-            ds = ds.map(_no_autograph(relabel), num_parallel_calls=tf.data.AUTOTUNE)
-            ds = ds.filter(_no_autograph(keep_labelled))
-            prepare = _no_autograph(lambda ex: preprocessing.decode_example(ex, image_size))
-        else:
-            # One fused map: a cheap relabel plus the decode.
-            prepare = _no_autograph(
-                lambda ex, relabel=relabel: preprocessing.decode_example(relabel(ex), image_size)
-            )
-        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-
-        if cache is not False:
-            if isinstance(cache, str):
-                key = label_mode
-                if labels.levels is not None:
-                    digest = hashlib.sha1(repr((labels.names, table.tolist())).encode())
-                    key += "-" + digest.hexdigest()[:8]
-                shard = f"_shard{pipeline_id}of{num_pipelines}" if num_pipelines > 1 else ""
-                filename = _cache_file(cache, builder, split, image_size, key, shard)
-                parent = os.path.dirname(filename)
-                if parent:
-                    tf.io.gfile.makedirs(parent)
-                ds = ds.cache(filename)
-            else:
-                ds = ds.cache()
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat is True:
-            ds = ds.repeat()
-        elif repeat is not False and repeat > 1:
-            ds = ds.repeat(repeat)
-        datasets.append(ds)
+    read = _SplitRead(
+        split=split,
+        image_size=image_size,
+        training=training,
+        label_mode=label_mode,
+        cache=cache,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        repeat=repeat,
+        options=options,
+        input_context=input_context,
+        num_pipelines=num_pipelines,
+        pipeline_id=pipeline_id,
+    )
+    datasets = [
+        _load_one(spec, builder, labels, i, read)
+        for i, (spec, builder) in enumerate(zip(specs, builders, strict=True))
+    ]
 
     if len(datasets) == 1:
         ds = datasets[0]
