@@ -19,11 +19,12 @@ Examples::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from leukemia_tf.data.build import build
+from leukemia_tf import cli
 
 _DATASET = flags.DEFINE_string(
     "dataset",
@@ -46,19 +47,37 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the data set
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    builder = build(
-        _DATASET.value,
-        data_dir=_DATA_DIR.value,
-        manual_dir=_MANUAL_DIR.value,
-        skip_bad_files=_SKIP_BAD_FILES.value,
-        overwrite=_OVERWRITE.value,
-    )
+    cli.check_no_args(argv)
+    manual_dir = _MANUAL_DIR.value
+    if manual_dir is not None and not os.path.isdir(os.path.expanduser(manual_dir)):
+        raise cli.UserError(f"--manual_dir={manual_dir!r} is not a folder")
+
+    # Imported after flag parsing: TensorFlow loads with the console settings.
+    from leukemia_tf.data import pipeline
+    from leukemia_tf.data.build import build
+
+    pipeline.check_dataset_name(_DATASET.value)
+    try:
+        builder = build(
+            _DATASET.value,
+            data_dir=_DATA_DIR.value,
+            manual_dir=manual_dir,
+            skip_bad_files=_SKIP_BAD_FILES.value,
+            overwrite=_OVERWRITE.value,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        # A missing or incomplete download, or unreadable images: the message says which.
+        raise cli.UserError(str(e)) from e
+    except AssertionError as e:
+        # TFDS asserts on an empty default manual folder; anything else is a bug.
+        if "Manual directory" not in str(e):
+            raise
+        raise cli.UserError(str(e)) from e
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
     print(f"{builder.info.full_name} -> {builder.data_dir}\n  splits: {splits}")
 
 
 if __name__ == "__main__":
+    # Only here: other modules import this one and parse flags of their own.
     flags.mark_flag_as_required("dataset")
-    app.run(main)
+    cli.run(main)

@@ -44,6 +44,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from leukemia_tf.cli import UserError, close_matches, closest_first
 from leukemia_tf.data import preprocessing
 from leukemia_tf.taxonomy import NOT_APPLICABLE, Taxonomy
 
@@ -61,8 +62,12 @@ DEFAULT_SEED = 0
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-class DatasetNotBuiltError(FileNotFoundError):
+class DatasetNotBuiltError(UserError, FileNotFoundError):
     """A data set's TFDS shards are not in ``data_dir``; the message gives the build command."""
+
+
+class UnknownDatasetError(UserError, ValueError):
+    """A data set, config or split name that does not exist; the message gives the close ones."""
 
 
 # ----------------------------------------------------------------- data specs
@@ -187,25 +192,131 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None) -> tfds.co
     import tfds_builders  # registers the project's builders with TFDS
 
     data_dir = _data_dir(data_dir)
+    _check_name(name, tfds_builders.BUILDERS)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
-            f"unknown data set {name!r}; this package's builders: "
-            f"{', '.join(tfds_builders.BUILDERS)} (any TFDS data set name also works)"
-        ) from None
+        raise _unknown_dataset(name, tfds_builders.BUILDERS) from None
     if not builder.is_prepared():
-        where = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
-        command = f"python -m leukemia_tf.build_data --dataset={name}"
-        if data_dir is not None:
-            command += f" --data_dir={data_dir}"
-        if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-            command += " --manual_dir=<folder holding your download>"
-        raise DatasetNotBuiltError(
-            f"data set {name!r} is not built in {where} (looked for {builder.data_dir}). "
-            f"Build it first:\n  {command}"
-        )
+        raise _not_built(name, builder, data_dir)
     return builder
+
+
+def _unknown_dataset(name: str, own_builders: Sequence[str]) -> UnknownDatasetError:
+    # TFDS's own error lists all ~500 registered names: give the few that look alike.
+    builder_name = name.split(":")[0].split("/")[0]
+    known = sorted(set(tfds.list_builders(with_community_datasets=False)) | set(own_builders))
+    close = close_matches(builder_name, known)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    return UnknownDatasetError(
+        f"unknown data set {name!r}; {hint}this package's builders: {', '.join(own_builders)} "
+        "(any registered TFDS data set name also works)"
+    )
+
+
+def _check_name(name: str, own_builders: Sequence[str]) -> None:
+    """Raises :class:`UnknownDatasetError` for an unknown builder or config of ``name``."""
+    unversioned = name.split(":")[0]
+    builder_name, _, config = unversioned.partition("/")
+    try:
+        cls = tfds.builder_cls(builder_name)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _unknown_dataset(name, own_builders) from None
+    configs = [c.name for c in (getattr(cls, "BUILDER_CONFIGS", None) or [])]
+    if config and configs and config not in configs:
+        raise UnknownDatasetError(
+            f"unknown data set {name!r}: {builder_name} has no config {config!r}; choose one of "
+            f"(closest first): {', '.join(f'{builder_name}/{c}' for c in closest_first(config, configs))}"
+        )
+
+
+def check_dataset_name(name: str) -> None:
+    """Raises :class:`UnknownDatasetError` (with the closest names) unless ``name`` is registered.
+
+    Checks the builder and its config (``name[/config][:version]``); reads no data.
+    """
+    import tfds_builders  # registers the project's builders with TFDS
+
+    _check_name(name, tfds_builders.BUILDERS)
+
+
+def _not_built(name: str, builder, data_dir: str | None) -> DatasetNotBuiltError:
+    where = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
+    command = f"python -m leukemia_tf.build_data --dataset={name}"
+    if data_dir is not None:
+        command += f" --data_dir={data_dir}"
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        command += " --manual_dir=<folder holding your download>"
+    return DatasetNotBuiltError(
+        f"data set {name!r} is not built in {where} (looked for {builder.data_dir}). "
+        f"Build it first:\n  {command}"
+    )
+
+
+def split_names(split: str) -> list[str]:
+    """Base split names of a TFDS split expression (``"train[:10%]+validation"``)."""
+    names = [part.split("[")[0].strip() for part in split.split("+")]
+    if not split.strip() or not all(names):
+        raise ValueError(f"{split!r} is not a TFDS split expression (e.g. 'train')")
+    return names
+
+
+def check_datasets(
+    specs: Sequence[DataSpec] | str,
+    splits: dict[str, str],
+    data_dir: str | os.PathLike | None = None,
+) -> None:
+    """Checks data set, config and split names before a run creates anything.
+
+    Reads only the TFDS metadata. A data set that needs a manual download and
+    is not built fails here (with its build command); one that TFDS generates
+    (``leukemia_synthetic``) may be unbuilt: its splits are checked when it is
+    read, after the training engine has built it.
+
+    Args:
+      specs: data specs, or a ``--datasets`` string.
+      splits: ``{flag name: split expression}``, e.g. ``{"train_split":
+        "train", "val_split": "validation"}``; empty expressions are skipped.
+      data_dir: TFDS data directory.
+
+    Raises:
+      UnknownDatasetError: an unknown data set, config or split; the message
+        names the flag, the value and the valid (or closest) names.
+      DatasetNotBuiltError: a manually downloaded data set is not built.
+    """
+    import tfds_builders  # registers the project's builders with TFDS
+
+    shown = specs if isinstance(specs, str) else None  # the flag value as the user typed it
+    try:
+        specs = _as_specs(specs)
+    except ValueError as e:
+        raise UnknownDatasetError(str(e)) from None
+    shown = shown if shown is not None else _spec_string(specs)
+    data_dir = _data_dir(data_dir)
+    for spec in specs:
+        try:
+            _check_name(spec.name, tfds_builders.BUILDERS)
+        except UnknownDatasetError as e:
+            raise UnknownDatasetError(f"--datasets={shown!r}: {e}") from None
+        builder = tfds.builder(spec.name, data_dir=data_dir)
+        if not builder.is_prepared():
+            if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+                raise _not_built(spec.name, builder, data_dir)
+            continue
+        available = list(builder.info.splits.keys())
+        for flag, split in splits.items():
+            if not split.strip():
+                continue
+            try:
+                names = split_names(split)
+            except ValueError as e:
+                raise UnknownDatasetError(f"--{flag}: {e}") from None
+            for name in names:
+                if name not in available:
+                    raise UnknownDatasetError(
+                        f"--{flag}={split!r}: data set {spec.name!r} has no split {name!r}; "
+                        f"choose one of (closest first): {', '.join(closest_first(name, available))}"
+                    )
 
 
 def _native_names(builder: tfds.core.DatasetBuilder) -> list[str]:
