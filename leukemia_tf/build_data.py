@@ -46,6 +46,28 @@ _SKIP_BAD_FILES = flags.DEFINE_bool(
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the data set already exists.")
 
 
+def _check_manual_download(name: str, data_dir: str | None, manual_dir: str | None) -> None:
+    """Refuses to start a build that needs a download by hand when none is at hand.
+
+    Checked before TFDS creates ``data_dir`` and announces a build it cannot do.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if manual_dir is not None or builder.is_prepared():
+        return
+    if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        return
+    root = data_dir or tfds.core.constants.DATA_DIR
+    default = os.path.join(os.path.expanduser(root), "downloads", "manual")
+    if "://" in root or (os.path.isdir(default) and os.listdir(default)):
+        return
+    raise cli.UserError(
+        f"--dataset={name!r} is downloaded by hand: pass --manual_dir=<folder holding your "
+        f"download> (or put it in {default}); tfds_builders/{builder.name}/README.md says where to get it"
+    )
+
+
 def main(argv: Sequence[str]) -> None:
     cli.check_no_args(argv)
     manual_dir = _MANUAL_DIR.value
@@ -57,6 +79,7 @@ def main(argv: Sequence[str]) -> None:
     from leukemia_tf.data.build import build
 
     pipeline.check_dataset_name(_DATASET.value)
+    _check_manual_download(_DATASET.value, _DATA_DIR.value, manual_dir)
     try:
         builder = build(
             _DATASET.value,
