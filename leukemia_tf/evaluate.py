@@ -13,10 +13,11 @@ Example::
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
+
+from leukemia_tf import cli
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training run to evaluate (leukemia_tf.train's --model_dir)."
@@ -58,13 +59,12 @@ def _fmt(value) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.check_no_args(argv)
     given = _MODEL_DIR.value
     # A local typo fails in a second, before TensorFlow is imported. Any other
     # model_dir (gs://) is checked once, by evaluate, before data or model are read.
     if "://" not in given and not os.path.isdir(os.path.expanduser(given)):
-        sys.exit(f"error: --model_dir={given!r} does not exist")
+        raise cli.UserError(f"--model_dir={given!r} does not exist")
 
     from leukemia_tf.evaluation import evaluate_lib
 
@@ -82,7 +82,7 @@ def main(argv: Sequence[str]) -> None:
             tta=_TTA.value,
         )
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        raise cli.UserError(str(e)) from e
     cell, cal = result["cell"], result["calibration"]
     lines = [
         f"{result['data']['datasets']} [{result['data']['split']}]: "
@@ -108,4 +108,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("model_dir")
-    app.run(main)
+    cli.run(main)

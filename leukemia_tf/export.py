@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
+
+from leukemia_tf import cli
 
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training run to export (leukemia_tf.train's --model_dir)."
@@ -58,12 +60,11 @@ flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.check_no_args(argv)
+    if _VERSION.value is not None and _VERSION.value < 1:
+        raise cli.UserError(f"--version={_VERSION.value}: must be a positive integer")
     from leukemia_tf.serving import export_lib  # heavy imports after flag parsing
 
-    if _VERSION.value is not None and _VERSION.value < 1:
-        raise app.UsageError(f"--version={_VERSION.value}: must be a positive integer")
     try:
         result = export_lib.export_model(
             _MODEL_DIR.value,
@@ -78,7 +79,7 @@ def main(argv: Sequence[str]) -> None:
         )
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         # Bad input: the message names the file or flag; no traceback needed.
-        raise SystemExit(f"export failed: {e}") from e
+        raise cli.UserError(f"export failed: {e}") from e
     base = result.path.rsplit("/", 1)[0]
     check = (
         f"checked against the Keras model: max |dp| = {result.max_abs_difference:.1e}"
@@ -98,4 +99,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
+
+from leukemia_tf import cli
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Training run whose model predicts.")
 _IMAGES = flags.DEFINE_string(
@@ -79,8 +81,7 @@ def _explicit(flag: flags.FlagHolder) -> str | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.check_no_args(argv)
     from leukemia_tf import predict_lib  # heavy imports after flag parsing
 
     try:
@@ -99,10 +100,10 @@ def main(argv: Sequence[str]) -> int:
             tta=_TTA.value,
         )
     except (FileNotFoundError, ValueError) as e:
-        raise app.UsageError(str(e), exitcode=2) from e
+        raise cli.UserError(str(e)) from e
     predict_lib.print_summary(result)
     return 1 if result.num_failed else 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -45,7 +45,7 @@ import tensorflow as tf
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.taxonomy import Taxonomy
 from leukemia_tf.training import model_factory
-from leukemia_tf.training.config import ConfigError, TrainConfig
+from leukemia_tf.training.config import FINISHED_MARKER, ConfigError, TrainConfig
 
 CONFIG_FILE = "config.json"
 FLAGS_FILE = "flags.txt"
@@ -53,7 +53,8 @@ LABELS_FILE = "labels.txt"
 BEST_MODEL = "best.keras"
 LAST_MODEL = "last.keras"
 HISTORY_CSV = "history.csv"
-SUMMARY = "train_summary.json"
+#: Written last, when the run has finished.
+SUMMARY = FINISHED_MARKER
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
 CALIBRATION_FILE = "calibration.json"

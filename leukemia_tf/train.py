@@ -12,27 +12,52 @@ Example::
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
+from leukemia_tf import cli
 from leukemia_tf.training import config as config_lib
 
 config_lib.define_flags()
 
 
+def preflight(config: config_lib.TrainConfig) -> None:
+    """Every check that can fail before training starts, in the order a user fixes them.
+
+    Nothing is created on disk before these pass: flag values, a finished
+    ``--model_dir`` without ``--overwrite``, then data set, config and split
+    names (TFDS metadata only).
+
+    Raises:
+      cli.UserError: naming the flag, its value and the valid values.
+    """
+    config.validate()
+    config_lib.check_model_dir(config)
+    from leukemia_tf.data import pipeline  # imports TensorFlow
+
+    pipeline.check_datasets(
+        config.datasets,
+        {"train_split": config.train_split, "val_split": config.val_split},
+        config.data_dir or None,
+    )
+
+
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.check_no_args(argv)
     config = config_lib.TrainConfig.from_flags(flags.FLAGS)
-    try:
-        config.validate()
-    except config_lib.ConfigError as e:
-        raise app.UsageError(str(e)) from e
+    preflight(config)
 
     from leukemia_tf.training import train_lib  # heavy imports after flag parsing
 
-    result = train_lib.train(config)
+    try:
+        result = train_lib.train(config)
+    except train_lib.Preempted as e:
+        # The status of a process ended by SIGTERM, after the resumable checkpoint.
+        cli.fail(e, 128 + signal.SIGTERM)
+    except train_lib.NonFiniteError as e:
+        cli.fail(e, 1)  # the run failed; the message says how to restart it
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items())
     print(
         f"\nBest epoch {result.best_epoch + 1}: {metrics or '(no validation split)'}\n"
@@ -45,4 +70,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -21,32 +21,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
+from leukemia_tf import cli
 from leukemia_tf.tuning import search_space
 
 search_space.define_all_flags()
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from leukemia_tf.training.config import ConfigError
+    cli.check_no_args(argv)
+    base = search_space.base_config_from_flags(flags.FLAGS)
+    search = search_space.SearchConfig.from_flags(flags.FLAGS)
+    search_space.check_search(search, base)  # ConfigError: exit 2, one line
 
-    try:
-        base = search_space.base_config_from_flags(flags.FLAGS)
-        search = search_space.SearchConfig.from_flags(flags.FLAGS)
-        search_space.check_search(search, base)
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from e
+    from leukemia_tf.data import pipeline  # imports TensorFlow
+
+    # Before --tune_dir is touched: a typo in a data set or split name fails now,
+    # not in the first trial.
+    pipeline.check_datasets(
+        base.datasets,
+        {"train_split": base.train_split, "val_split": base.val_split},
+        base.data_dir or None,
+    )
 
     from leukemia_tf.tuning import tune_lib  # heavy imports after flag parsing
 
     try:
         result = tune_lib.run_search(base, search)
-    except (tune_lib.TuneDirError, tune_lib.SearchError) as e:
-        # A clear message naming the flag or the directory; no traceback needed.
-        raise SystemExit(f"tune: {e}") from e
+    except tune_lib.SearchError as e:
+        # The trials ran and kept failing: not a usage error (status 1), no traceback.
+        raise cli.UserError(str(e), exit_code=1) from e
     if result.role == "worker":
         print("Worker finished: the chief writes the results.")
         return
@@ -54,4 +59,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

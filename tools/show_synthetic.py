@@ -15,9 +15,10 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from PIL import Image, ImageDraw
 
+from leukemia_tf import cli
 from tfds_builders.leukemia_synthetic import leukemia_synthetic_dataset_builder as synthetic
 
 _OUT = flags.DEFINE_string("out", "synthetic_contact_sheet.png", "Where to write the PNG.")
@@ -97,8 +98,7 @@ def contact_sheet(
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.check_no_args(argv)
     sheet = contact_sheet(_CONFIG.value, _PER_CLASS.value, _ZOOM.value, _LABELS.value)
     out = Path(_OUT.value).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,4 +107,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -44,7 +44,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from leukemia_tf.cli import UserError, close_matches, closest_first
 from leukemia_tf.data import preprocessing
+from leukemia_tf.data.registry import register_builders
 from leukemia_tf.taxonomy import NOT_APPLICABLE, Taxonomy
 
 #: The string features every builder yields and every batch carries.
@@ -61,8 +63,12 @@ DEFAULT_SEED = 0
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-class DatasetNotBuiltError(FileNotFoundError):
+class DatasetNotBuiltError(UserError, FileNotFoundError):
     """A data set's TFDS shards are not in ``data_dir``; the message gives the build command."""
+
+
+class UnknownDatasetError(UserError, ValueError):
+    """A data set, config or split name that does not exist; the message gives the close ones."""
 
 
 # ----------------------------------------------------------------- data specs
@@ -184,30 +190,134 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None) -> tfds.co
       DatasetNotBuiltError: the data set is not built there; the message gives
         the exact build command.
     """
-    from leukemia_tf.data.registry import register_builders
-
     known = register_builders()  # registers the project's builders with TFDS
 
     data_dir = _data_dir(data_dir)
+    _check_name(name, known)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
-            f"unknown data set {name!r}; this package's builders: "
-            f"{', '.join(known)} (any TFDS data set name also works)"
-        ) from None
+        raise _unknown_dataset(name, known) from None
     if not builder.is_prepared():
-        where = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
-        command = f"python -m leukemia_tf.build_data --dataset={name}"
-        if data_dir is not None:
-            command += f" --data_dir={data_dir}"
-        if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-            command += " --manual_dir=<folder holding your download>"
-        raise DatasetNotBuiltError(
-            f"data set {name!r} is not built in {where} (looked for {builder.data_dir}). "
-            f"Build it first:\n  {command}"
-        )
+        raise _not_built(name, builder, data_dir)
     return builder
+
+
+def _unknown_dataset(name: str, own_builders: Sequence[str]) -> UnknownDatasetError:
+    # TFDS's own error lists all ~500 registered names: give the few that look alike.
+    builder_name = name.split(":")[0].split("/")[0]
+    known = sorted(set(tfds.list_builders(with_community_datasets=False)) | set(own_builders))
+    close = close_matches(builder_name, known)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    return UnknownDatasetError(
+        f"unknown data set {name!r}; {hint}this package's builders: {', '.join(own_builders)} "
+        "(any registered TFDS data set name also works)"
+    )
+
+
+def _check_name(name: str, own_builders: Sequence[str]) -> None:
+    """Raises :class:`UnknownDatasetError` for an unknown builder or config of ``name``."""
+    unversioned = name.split(":")[0]
+    builder_name, _, config = unversioned.partition("/")
+    try:
+        cls = tfds.builder_cls(builder_name)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _unknown_dataset(name, own_builders) from None
+    configs = [c.name for c in (getattr(cls, "BUILDER_CONFIGS", None) or [])]
+    if config and configs and config not in configs:
+        raise UnknownDatasetError(
+            f"unknown data set {name!r}: {builder_name} has no config {config!r}; choose one of "
+            f"(closest first): {', '.join(f'{builder_name}/{c}' for c in closest_first(config, configs))}"
+        )
+
+
+def check_dataset_name(name: str) -> None:
+    """Raises :class:`UnknownDatasetError` (with the closest names) unless ``name`` is registered.
+
+    Checks the builder and its config (``name[/config][:version]``); reads no data.
+    """
+    known = register_builders()  # registers the project's builders with TFDS
+
+    _check_name(name, known)
+
+
+def _not_built(name: str, builder, data_dir: str | None) -> DatasetNotBuiltError:
+    where = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
+    command = f"python -m leukemia_tf.build_data --dataset={name}"
+    if data_dir is not None:
+        command += f" --data_dir={data_dir}"
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        command += " --manual_dir=<folder holding your download>"
+    return DatasetNotBuiltError(
+        f"data set {name!r} is not built in {where} (looked for {builder.data_dir}). "
+        f"Build it first:\n  {command}"
+    )
+
+
+def split_names(split: str) -> list[str]:
+    """Base split names of a TFDS split expression (``"train[:10%]+validation"``)."""
+    names = [part.split("[")[0].strip() for part in split.split("+")]
+    if not split.strip() or not all(names):
+        raise ValueError(f"{split!r} is not a TFDS split expression (e.g. 'train')")
+    return names
+
+
+def check_datasets(
+    specs: Sequence[DataSpec] | str,
+    splits: dict[str, str],
+    data_dir: str | os.PathLike | None = None,
+) -> None:
+    """Checks data set, config and split names before a run creates anything.
+
+    Reads only the TFDS metadata. A data set that needs a manual download and
+    is not built fails here (with its build command); one that TFDS generates
+    (``leukemia_synthetic``) may be unbuilt: its splits are checked when it is
+    read, after the training engine has built it.
+
+    Args:
+      specs: data specs, or a ``--datasets`` string.
+      splits: ``{flag name: split expression}``, e.g. ``{"train_split":
+        "train", "val_split": "validation"}``; empty expressions are skipped.
+      data_dir: TFDS data directory.
+
+    Raises:
+      UnknownDatasetError: an unknown data set, config or split; the message
+        names the flag, the value and the valid (or closest) names.
+      DatasetNotBuiltError: a manually downloaded data set is not built.
+    """
+    known = register_builders()  # registers the project's builders with TFDS
+
+    shown = specs if isinstance(specs, str) else None  # the flag value as the user typed it
+    try:
+        specs = _as_specs(specs)
+    except ValueError as e:
+        raise UnknownDatasetError(str(e)) from None
+    shown = shown if shown is not None else _spec_string(specs)
+    data_dir = _data_dir(data_dir)
+    for spec in specs:
+        try:
+            _check_name(spec.name, known)
+        except UnknownDatasetError as e:
+            raise UnknownDatasetError(f"--datasets={shown!r}: {e}") from None
+        builder = tfds.builder(spec.name, data_dir=data_dir)
+        if not builder.is_prepared():
+            if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+                raise _not_built(spec.name, builder, data_dir)
+            continue
+        available = list(builder.info.splits.keys())
+        for flag, split in splits.items():
+            if not split.strip():
+                continue
+            try:
+                names = split_names(split)
+            except ValueError as e:
+                raise UnknownDatasetError(f"--{flag}: {e}") from None
+            for name in names:
+                if name not in available:
+                    raise UnknownDatasetError(
+                        f"--{flag}={split!r}: data set {spec.name!r} has no split {name!r}; "
+                        f"choose one of (closest first): {', '.join(closest_first(name, available))}"
+                    )
 
 
 def _native_names(builder: tfds.core.DatasetBuilder) -> list[str]:
@@ -410,6 +520,115 @@ def _cache_file(prefix: str, builder, split: str, image_size: int, key: str, sha
     return f"{prefix}{safe}_{image_size}px_{key}_pp{preprocessing.PREPROCESSING_VERSION}{shard}"
 
 
+@dataclasses.dataclass(frozen=True)
+class _SplitRead:
+    """How :func:`load_split` reads every data set of its mixture (resolved arguments)."""
+
+    split: str
+    image_size: int
+    training: bool
+    label_mode: str
+    cache: bool | str
+    shuffle_buffer: int
+    seed: int | None
+    repeat: bool | int
+    options: tf.data.Options
+    input_context: tf.distribute.InputContext | None
+    num_pipelines: int
+    pipeline_id: int
+
+
+def _load_one(
+    spec: DataSpec, builder, labels: _Labels, index: int, read: _SplitRead
+) -> tf.data.Dataset:
+    """One data set of a mixture: read, relabelled, decoded, cached, shuffled and repeated.
+
+    Args:
+      spec: the data set.
+      builder: its prepared TFDS builder.
+      labels: the mixture's label tables; ``index`` is ``spec``'s position in them.
+      index: position of ``spec`` in the mixture.
+      read: the resolved arguments of :func:`load_split`.
+
+    Returns:
+      Unbatched examples (see :func:`load_split`).
+    """
+    split, num_pipelines = read.split, read.num_pipelines
+    table = labels.tables[index]
+    levels = labels.levels[index] if labels.levels is not None else None
+    try:
+        num_files = len(builder.info.splits[split].file_instructions)
+    except (KeyError, ValueError):
+        num_files = 0  # as_dataset below raises the clear error
+    # Shard by files when there are enough of them; else by examples.
+    file_shard = num_pipelines > 1 and num_files >= num_pipelines
+    example_shard = num_pipelines > 1 and not file_shard
+    read_config = tfds.ReadConfig(
+        shuffle_seed=read.seed,
+        # The cache below holds decoded pixels; TFDS caching the encoded
+        # bytes too would only cost memory.
+        try_autocache=False,
+        input_context=read.input_context if file_shard else None,
+        # Example sharding needs the same order in every pipeline.
+        num_parallel_calls_for_decode=1 if example_shard else None,
+        options=read.options,
+    )
+    ds = _as_dataset(
+        spec,
+        builder,
+        split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        # Example-level sharding needs the same file order on every worker.
+        shuffle_files=read.training and not example_shard,
+        read_config=read_config,
+    )
+    if example_shard:
+        logging.warning(
+            "%s[%s]: %d file(s) for %d input pipelines: sharding by example "
+            "(each pipeline reads all files).",
+            spec.name,
+            split,
+            num_files,
+            num_pipelines,
+        )
+        ds = ds.shard(num_pipelines, read.pipeline_id)
+
+    image_size = read.image_size
+    relabel = label_map(table, levels)
+    if (table < 0).any():
+        ds = ds.map(_no_autograph(relabel), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.filter(_no_autograph(keep_labelled))
+        prepare = _no_autograph(lambda ex: preprocessing.decode_example(ex, image_size))
+    else:
+        # One fused map: a cheap relabel plus the decode.
+        prepare = _no_autograph(
+            lambda ex, relabel=relabel: preprocessing.decode_example(relabel(ex), image_size)
+        )
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+    if read.cache is not False:
+        if isinstance(read.cache, str):
+            key = read.label_mode
+            if labels.levels is not None:
+                digest = hashlib.sha1(repr((labels.names, table.tolist())).encode())
+                key += "-" + digest.hexdigest()[:8]
+            shard = f"_shard{read.pipeline_id}of{num_pipelines}" if num_pipelines > 1 else ""
+            filename = _cache_file(read.cache, builder, split, image_size, key, shard)
+            parent = os.path.dirname(filename)
+            if parent:
+                tf.io.gfile.makedirs(parent)
+            ds = ds.cache(filename)
+        else:
+            ds = ds.cache()
+    if read.training:
+        ds = ds.shuffle(read.shuffle_buffer, seed=read.seed, reshuffle_each_iteration=True)
+    if read.repeat is True:
+        ds = ds.repeat()
+    elif read.repeat is not False and read.repeat > 1:
+        ds = ds.repeat(read.repeat)
+    return ds
+
+
 def load_split(
     specs: Sequence[DataSpec] | str,
     split: str,
@@ -510,80 +729,24 @@ def load_split(
         # map, which would reorder it when `deterministic` is False.
         options.experimental_optimization.map_parallelization = False
 
-    datasets = []
-    for i, (spec, builder) in enumerate(zip(specs, builders, strict=True)):
-        table = labels.tables[i]
-        levels = labels.levels[i] if labels.levels is not None else None
-        try:
-            num_files = len(builder.info.splits[split].file_instructions)
-        except (KeyError, ValueError):
-            num_files = 0  # as_dataset below raises the clear error
-        # Shard by files when there are enough of them; else by examples.
-        file_shard = num_pipelines > 1 and num_files >= num_pipelines
-        example_shard = num_pipelines > 1 and not file_shard
-        read_config = tfds.ReadConfig(
-            shuffle_seed=seed,
-            # The cache below holds decoded pixels; TFDS caching the encoded
-            # bytes too would only cost memory.
-            try_autocache=False,
-            input_context=input_context if file_shard else None,
-            # Example sharding needs the same order in every pipeline.
-            num_parallel_calls_for_decode=1 if example_shard else None,
-            options=options,
-        )
-        ds = _as_dataset(
-            spec,
-            builder,
-            split,
-            decoders={"image": tfds.decode.SkipDecoding()},
-            # Example-level sharding needs the same file order on every worker.
-            shuffle_files=training and not example_shard,
-            read_config=read_config,
-        )
-        if example_shard:
-            logging.warning(
-                "%s[%s]: %d file(s) for %d input pipelines: sharding by example "
-                "(each pipeline reads all files).",
-                spec.name,
-                split,
-                num_files,
-                num_pipelines,
-            )
-            ds = ds.shard(num_pipelines, pipeline_id)
-
-        relabel = label_map(table, levels)
-        if (table < 0).any():
-            ds = ds.map(_no_autograph(relabel), num_parallel_calls=tf.data.AUTOTUNE)
-            ds = ds.filter(_no_autograph(keep_labelled))
-            prepare = _no_autograph(lambda ex: preprocessing.decode_example(ex, image_size))
-        else:
-            # One fused map: a cheap relabel plus the decode.
-            prepare = _no_autograph(
-                lambda ex, relabel=relabel: preprocessing.decode_example(relabel(ex), image_size)
-            )
-        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-
-        if cache is not False:
-            if isinstance(cache, str):
-                key = label_mode
-                if labels.levels is not None:
-                    digest = hashlib.sha1(repr((labels.names, table.tolist())).encode())
-                    key += "-" + digest.hexdigest()[:8]
-                shard = f"_shard{pipeline_id}of{num_pipelines}" if num_pipelines > 1 else ""
-                filename = _cache_file(cache, builder, split, image_size, key, shard)
-                parent = os.path.dirname(filename)
-                if parent:
-                    tf.io.gfile.makedirs(parent)
-                ds = ds.cache(filename)
-            else:
-                ds = ds.cache()
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat is True:
-            ds = ds.repeat()
-        elif repeat is not False and repeat > 1:
-            ds = ds.repeat(repeat)
-        datasets.append(ds)
+    read = _SplitRead(
+        split=split,
+        image_size=image_size,
+        training=training,
+        label_mode=label_mode,
+        cache=cache,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        repeat=repeat,
+        options=options,
+        input_context=input_context,
+        num_pipelines=num_pipelines,
+        pipeline_id=pipeline_id,
+    )
+    datasets = [
+        _load_one(spec, builder, labels, i, read)
+        for i, (spec, builder) in enumerate(zip(specs, builders, strict=True))
+    ]
 
     if len(datasets) == 1:
         ds = datasets[0]

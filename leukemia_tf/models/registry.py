@@ -24,6 +24,8 @@ from pathlib import Path
 
 import keras
 
+from leukemia_tf.cli import closest_first
+
 #: Families of backbones (what users filter by in ``list_backbones``).
 FAMILIES = ("efficientnet", "efficientnetv2", "convnext", "vit", "mobilenetv3", "cnn")
 
@@ -132,14 +134,16 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     """The registry entry of ``name``.
 
     Raises:
-      ValueError: unknown name; the message lists every known name.
+      ValueError: unknown name; the message lists every known name, the
+        closest to ``name`` first (typos).
     """
     _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown backbone '{name}'; known backbones: {', '.join(list_backbones())}"
+            f"unknown backbone '{name}'; known backbones (closest first): "
+            + ", ".join(closest_first(str(name), list_backbones()))
         ) from None
 
 

@@ -19,6 +19,11 @@ from pathlib import Path
 
 from absl import flags
 
+from leukemia_tf.cli import UserError, closest_first
+
+#: The file a finished training run leaves in its model_dir.
+FINISHED_MARKER = "train_summary.json"
+
 
 def _field(default, help: str, choices: Sequence[str] | None = None, **kwargs):
     return dataclasses.field(
@@ -26,8 +31,8 @@ def _field(default, help: str, choices: Sequence[str] | None = None, **kwargs):
     )
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag."""
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the flag (binaries: exit 2)."""
 
 
 @dataclasses.dataclass
@@ -279,9 +284,46 @@ class TrainConfig:
             )
         if self.cache not in ("memory", "none") and not self.cache.strip():
             raise ConfigError("--cache: use 'memory', 'none' or a file path prefix")
+        self._check_backbone()
         self.parsed_level_weights()
         check_tpu_config(self)
         return self
+
+    def _check_backbone(self) -> None:
+        # Imported here: the registry imports Keras, which this module avoids at import.
+        from leukemia_tf.models import registry
+
+        names = registry.list_backbones()
+        if self.backbone not in names:
+            raise ConfigError(
+                f"--backbone={self.backbone!r} is not a backbone; choose one of (closest first): "
+                + ", ".join(closest_first(self.backbone, names))
+            )
+
+
+def check_model_dir(config: TrainConfig) -> None:
+    """Refuses a ``model_dir`` holding a finished run unless ``--overwrite``; creates nothing.
+
+    Called before anything is built or written, so that a refused run leaves
+    no trace (the training engine checks again when it prepares the folder).
+
+    Raises:
+      ConfigError: ``model_dir`` holds ``train_summary.json`` and ``overwrite`` is off.
+    """
+    if config.overwrite:
+        return
+    model_dir = config.model_dir
+    if _is_url(model_dir):
+        import tensorflow as tf  # only for remote paths: keep this module light
+
+        finished = tf.io.gfile.exists(f"{model_dir.rstrip('/')}/{FINISHED_MARKER}")
+    else:
+        finished = (Path(model_dir).expanduser() / FINISHED_MARKER).exists()
+    if finished:
+        raise ConfigError(
+            f"--model_dir={model_dir!r} holds a finished run ({FINISHED_MARKER}); choose another "
+            "directory or pass --overwrite to start afresh"
+        )
 
 
 def _is_url(path: str) -> bool:

@@ -43,6 +43,7 @@ from leukemia_tf.data import build as build_lib
 from leukemia_tf.data import pipeline
 from leukemia_tf.models import augment, classifier
 from leukemia_tf.models.label_space import LabelSpace
+from leukemia_tf.training import config as config_lib
 from leukemia_tf.training import distribute, ema, inputs, model_factory, run_state, steps
 from leukemia_tf.training.config import ConfigError, TrainConfig
 
@@ -129,12 +130,8 @@ def _check_resume_config(model_dir: str, config: TrainConfig) -> None:
 
 
 def _prepare_model_dir(config: TrainConfig, chief: bool) -> str:
+    config_lib.check_model_dir(config)  # a finished run without --overwrite
     model_dir = rundir.expand(config.model_dir)
-    if rundir.is_finished(model_dir) and not config.overwrite:
-        raise ConfigError(
-            f"--model_dir={config.model_dir!r} holds a finished run ({rundir.SUMMARY}); choose "
-            "another directory or pass --overwrite to start afresh"
-        )
     if not chief:
         return model_dir
     rundir.remove_partial_writes(model_dir)
@@ -223,7 +220,7 @@ def _prepare_data(config, strategy, chief: bool, skip_steps) -> _Data:
     if config.val_split:
         num_val = int(count(config.val_split).sum())
         if num_val == 0:
-            raise ValueError(f"--val_split={config.val_split!r} is empty")
+            raise ConfigError(f"--val_split={config.val_split!r} is empty")
         val_ds = strategy.distribute_datasets_from_function(
             inputs.eval_input_fn(config, specs, data_dir, taxonomy, num_val, dtype)
         )
