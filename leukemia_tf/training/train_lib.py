@@ -313,14 +313,21 @@ def train(config: TrainConfig, callbacks: Sequence[EpochHook] = ()) -> TrainResu
             lock.release()
 
 
-def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> TrainResult:
-    model_dir = _prepare_model_dir(config, chief)
-    # Non-chief workers write into a scratch dir, emptied after every write.
-    write_dir = distribute.worker_dir(model_dir, strategy)
-    tf.io.gfile.makedirs(write_dir)
-    data = _prepare_data(config, strategy, chief, run_state.peek_progress(model_dir))
-    steps_per_epoch, space = data.steps_per_epoch, data.space
+@dataclasses.dataclass
+class _Parts:
+    """What the loop drives: the model and its optimizer, the step, validation, the run state."""
 
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    schedule: Callable
+    batchnorm_ema: list
+    step: steps.TrainStep
+    evaluate: steps.Evaluator
+    state: run_state.RunState
+
+
+def _build(config, strategy, precision, data: _Data, model_dir, write_dir, chief) -> _Parts:
+    space = data.space
     with strategy.scope():
         model = model_factory.build_model(config, space.num_classes, space.taxonomy)
         augmenter = (
@@ -334,7 +341,7 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
             else None
         )
         optimizer, schedule, clip_in_step = steps.build_optimizer(
-            config, steps_per_epoch, precision, strategy.num_replicas_in_sync
+            config, data.steps_per_epoch, precision, strategy.num_replicas_in_sync
         )
         # Build the optimizer's slots for every weight now, so that unfreezing
         # the backbone later finds them (and a checkpoint always has them).
@@ -354,13 +361,6 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
             # run draws the numbers an uninterrupted run would.
             rng=_seed_states(model, augmenter, mix_seed),
         )
-    start_epoch = state.restore(config.overwrite)
-    if distribute.num_workers(strategy) > 1:
-        distribute.check_workers_agree(strategy, start_epoch, _run_fingerprint(config))
-    if chief:
-        rundir.write_config(model_dir, config)
-        rundir.write_labels(model_dir, data.class_names)
-
     step = steps.TrainStep(
         strategy,
         model,
@@ -375,12 +375,32 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
         mix_seed=mix_seed,
     )
     evaluate = steps.Evaluator(strategy, model, space, data.level_weights)
+    return _Parts(model, optimizer, schedule, batchnorm_ema, step, evaluate, state)
+
+
+def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> TrainResult:
+    """The set-up, then the epoch loop (see :func:`train`)."""
+    model_dir = _prepare_model_dir(config, chief)
+    # Non-chief workers write into a scratch dir, emptied after every write.
+    write_dir = distribute.worker_dir(model_dir, strategy)
+    tf.io.gfile.makedirs(write_dir)
+    data = _prepare_data(config, strategy, chief, run_state.peek_progress(model_dir))
+    parts = _build(config, strategy, precision, data, model_dir, write_dir, chief)
+    state, steps_per_epoch = parts.state, data.steps_per_epoch
+    start_epoch = state.restore(config.overwrite)
+    if distribute.num_workers(strategy) > 1:
+        distribute.check_workers_agree(strategy, start_epoch, _run_fingerprint(config))
+    if chief:
+        rundir.write_config(model_dir, config)
+        rundir.write_labels(model_dir, data.class_names)
+    resume = rundir.join(model_dir, rundir.FLAGS_FILE)
+
     iterator = iter(data.train_ds)
     train_fn, stage, finished = None, None, True
     for epoch in range(start_epoch, config.epochs):
         if stage != (new_stage := 1 if epoch < config.freeze_epochs else 2):
-            classifier.set_backbone_trainable(model, new_stage == 2)
-            train_fn, stage = step.function(), new_stage  # trainable variables changed: retrace
+            classifier.set_backbone_trainable(parts.model, new_stage == 2)
+            train_fn, stage = parts.step.function(), new_stage  # trainable variables changed
         epoch_start = time.time()
         done = int(state.step_in_epoch.numpy()) if epoch == start_epoch else 0
         totals = state.totals.numpy() if done else np.zeros(3)
@@ -407,28 +427,15 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
                 raise Preempted(
                     f"SIGTERM received: stopped at step {global_step} (epoch {epoch + 1}, step "
                     f"{done} of {steps_per_epoch}) with a checkpoint. Resume with: python -m "
-                    f"leukemia_tf.train --flagfile={rundir.join(model_dir, rundir.FLAGS_FILE)}"
+                    f"leukemia_tf.train --flagfile={resume}"
                 )
         logs = {
             "epoch": epoch,
-            "lr": float(schedule(max(global_step - 1, 0))),
+            "lr": float(parts.schedule(max(global_step - 1, 0))),
             "loss": float(totals[0] / totals[2]),
             "accuracy": float(totals[1] / totals[2]),
         }
-        # Validation and the saved models use the EMA weights (also without validation).
-        if config.ema:
-            ema.swap(optimizer, batchnorm_ema)
-        if data.val_ds is not None:
-            logs.update(evaluate(data.val_ds, data.num_val, config.val_split))
-        logs["epoch_time_s"] = time.time() - epoch_start
-        _check_finite(logs, model, epoch, config, model_dir, state)
-        improved = state.update_best(epoch, logs)
-        if improved:
-            state.save_model(model, rundir.BEST_MODEL)
-        state.save_model(model, rundir.LAST_MODEL)
-        if config.ema:
-            ema.swap(optimizer, batchnorm_ema)
-        state.end_epoch(epoch, logs, steps_per_epoch)
+        improved = _close_epoch(config, parts, data, epoch, logs, epoch_start, model_dir)
         if config.verbose and chief:
             print(
                 f"epoch {epoch + 1}/{config.epochs}: "
@@ -441,20 +448,44 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
         if sigterm.received:
             raise Preempted(
                 f"SIGTERM received: stopped after epoch {epoch + 1} with a checkpoint. Resume "
-                f"with: python -m leukemia_tf.train --flagfile="
-                f"{rundir.join(model_dir, rundir.FLAGS_FILE)}"
+                f"with: python -m leukemia_tf.train --flagfile={resume}"
             )
         patience = config.early_stopping_patience
         if patience and int(state.waited.numpy()) >= patience:
             # Every worker computed the same validation metrics: all stop here.
             print(f"Early stopping: {config.monitor} did not improve for {patience} epochs.")
             break
+    return _result(config, strategy, precision, data, state, finished, start_time)
 
+
+def _close_epoch(config, parts: _Parts, data: _Data, epoch, logs, epoch_start, model_dir) -> bool:
+    """Validation, the finite check, best/last models, history and checkpoint; True if best.
+
+    Validation and the saved models use the EMA weights (also without validation).
+    """
+    if config.ema:
+        ema.swap(parts.optimizer, parts.batchnorm_ema)
+    if data.val_ds is not None:
+        logs.update(parts.evaluate(data.val_ds, data.num_val, config.val_split))
+    logs["epoch_time_s"] = time.time() - epoch_start
+    _check_finite(logs, parts.model, epoch, config, model_dir, parts.state)
+    improved = parts.state.update_best(epoch, logs)
+    if improved:
+        parts.state.save_model(parts.model, rundir.BEST_MODEL)
+    parts.state.save_model(parts.model, rundir.LAST_MODEL)
+    if config.ema:
+        ema.swap(parts.optimizer, parts.batchnorm_ema)
+    parts.state.end_epoch(epoch, logs, data.steps_per_epoch)
+    return improved
+
+
+def _result(config, strategy, precision, data: _Data, state, finished, start_time) -> TrainResult:
+    """The run's result; a finished run's summary is written (and its backup deleted)."""
     best_epoch = int(state.best_epoch.numpy())
     best_row = next((r for r in state.history if r["epoch"] == best_epoch), {})
     result = TrainResult(
-        model_dir=model_dir,
-        best_model_path=rundir.join(model_dir, rundir.BEST_MODEL),
+        model_dir=state.model_dir,
+        best_model_path=rundir.join(state.model_dir, rundir.BEST_MODEL),
         best_epoch=best_epoch,
         best_metrics={k: v for k, v in best_row.items() if k.startswith("val_")},
         history=state.history,
@@ -469,7 +500,7 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
             precision=precision,
             strategy=type(strategy).__name__,
             num_replicas=strategy.num_replicas_in_sync,
-            steps_per_epoch=steps_per_epoch,
+            steps_per_epoch=data.steps_per_epoch,
             num_train_examples=data.num_train,
         )
         state.finish(summary)
