@@ -76,7 +76,7 @@ def main(argv: Sequence[str]) -> None:
 
     # Imported after flag parsing: TensorFlow loads with the console settings.
     from leukemia_tf.data import pipeline
-    from leukemia_tf.data.build import build
+    from leukemia_tf.data.build_data_lib import build
 
     pipeline.check_dataset_name(_DATASET.value)
     _check_manual_download(_DATASET.value, _DATA_DIR.value, manual_dir)

@@ -94,7 +94,7 @@ class PipelineData:
 @pytest.fixture(scope="session")
 def pipeline_data(tmp_path_factory) -> PipelineData:
     """Builds all_taleqani/{original,segmented} and pipeline_test_cells once per session."""
-    from leukemia_tf.data import build as build_data
+    from leukemia_tf.data import build_data_lib as build_data
 
     manual = tmp_path_factory.mktemp("pipeline_manual") / "archive"
     _write_taleqani_tree(manual, "Original", PIPELINE_TALEQANI_PER_CLASS["original"], "")
@@ -118,7 +118,7 @@ def pipeline_data(tmp_path_factory) -> PipelineData:
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory) -> str:
     """A TFDS data_dir holding the built ``leukemia_synthetic`` set (~15 s, once)."""
-    from leukemia_tf.data.build import build
+    from leukemia_tf.data.build_data_lib import build
 
     data_dir = str(tmp_path_factory.mktemp("synthetic_tfds"))
     build("leukemia_synthetic", data_dir=data_dir)

@@ -1,7 +1,7 @@
 """Builds all_taleqani, pbc and aml_cytomorphology_lmu from the real images in ../shared/data.
 
 Each data set is built once per test session (module-scoped fixtures) into a
-temporary ``data_dir`` with ``leukemia_tf.data.build.build`` and read back
+temporary ``data_dir`` with ``leukemia_tf.data.build_data_lib.build`` and read back
 once; the tests then check the result against a walk of the folder on disk:
 every image arrives exactly once with its folder's label, stored bytes are
 the file's bytes (or a lossless RGB re-encode), the splits are disjoint and
@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from leukemia_tf.data import build as build_data
+from leukemia_tf.data import build_data_lib as build_data
 from leukemia_tf.data import images
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from leukemia_tf.data import build as build_data
+from leukemia_tf.data import build_data_lib as build_data
 from leukemia_tf.data import images
 from tfds_builders import common
 

@@ -109,7 +109,7 @@ def test_flagfile_round_trip(tmp_path):
 # -------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
-    from leukemia_tf.data import build as build_data
+    from leukemia_tf.data import build_data_lib as build_data
 
     data_dir = tmp_path_factory.mktemp("tfds")
     build_data.build("leukemia_synthetic", data_dir=str(data_dir))

@@ -203,7 +203,7 @@ def _ensure_data(data_dir: str) -> None:
     import tensorflow_datasets as tfds
 
     import tfds_builders  # noqa: F401  (registers the builders)
-    from leukemia_tf.data.build import build
+    from leukemia_tf.data.build_data_lib import build
 
     if _DATASETS.value != "leukemia_synthetic":
         return  # the engine's error says how to build any other set

@@ -124,7 +124,7 @@ def _files(anchor: Path) -> list[str]:
 
 
 def _build(name: str, data_root: Path, data_dir: str) -> None:
-    from leukemia_tf.data import build as build_data
+    from leukemia_tf.data import build_data_lib as build_data
 
     tfds_name, folder, _ = _SETS[name]
     start = time.perf_counter()

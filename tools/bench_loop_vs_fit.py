@@ -283,7 +283,7 @@ def _prepare_data() -> None:
     import tensorflow_datasets as tfds
 
     import tfds_builders  # noqa: F401  (registers the builders)
-    from leukemia_tf.data import build as build_lib
+    from leukemia_tf.data import build_data_lib as build_lib
 
     data_dir = _DATA_DIR.value or None
     if not tfds.builder("leukemia_synthetic", data_dir=data_dir).is_prepared():

@@ -55,7 +55,7 @@ def build_sets(datasets: str, data_dir: str, shared: Path) -> None:
     import tensorflow_datasets as tfds
 
     import tfds_builders  # noqa: F401  (registers the builders)
-    from leukemia_tf.data.build import build
+    from leukemia_tf.data.build_data_lib import build
 
     for name, folder in SETS:
         if name not in datasets or tfds.builder(name, data_dir=data_dir).is_prepared():

@@ -257,7 +257,7 @@ def _ensure_data(data_dir: str) -> None:
     import tensorflow_datasets as tfds
 
     import tfds_builders  # noqa: F401  (registers the builders)
-    from leukemia_tf.data.build import build
+    from leukemia_tf.data.build_data_lib import build
 
     if not tfds.builder("leukemia_synthetic", data_dir=data_dir).is_prepared():
         print(f"Building leukemia_synthetic into {data_dir} ...", flush=True)

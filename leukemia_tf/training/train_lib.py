@@ -39,7 +39,7 @@ import tensorflow as tf
 from absl import logging
 
 from leukemia_tf import rundir
-from leukemia_tf.data import build as build_lib
+from leukemia_tf.data import build_data_lib as build_lib
 from leukemia_tf.data import pipeline
 from leukemia_tf.models import augment, classifier
 from leukemia_tf.models.label_space import LabelSpace

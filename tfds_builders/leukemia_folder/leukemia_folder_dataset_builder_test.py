@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets import testing
 
-from leukemia_tf.data import build as build_data
+from leukemia_tf.data import build_data_lib as build_data
 from tfds_builders import common
 from tfds_builders.leukemia_folder import leukemia_folder_dataset_builder as folder
 from tfds_builders.leukemia_folder import metadata
