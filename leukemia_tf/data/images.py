@@ -122,12 +122,6 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, str]:
     return buffer.getvalue(), "png"
 
 
-def decode_rgb(encoded: bytes) -> np.ndarray:
-    """Decodes bytes from :func:`read_image` to a ``[H, W, 3]`` uint8 array (for tests)."""
-    with Image.open(io.BytesIO(encoded)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 class BadFileCollector:
     """Runs a per-file function over many files and gathers every failure.
 

@@ -297,24 +297,6 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, *, fused: bool = True
     return tf.ensure_shape(out, [image_size, image_size, 3])
 
 
-def decode_and_resize_batch(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """:func:`decode_and_resize` over a batch: for a serving signature taking encoded images.
-
-    Args:
-      encoded: ``tf.string [B]``.
-      image_size: the target square side ``S``.
-
-    Returns:
-      ``uint8 [B, S, S, 3]``.
-    """
-    image_size = check_image_size(image_size)
-    return tf.map_fn(
-        lambda e: decode_and_resize(e, image_size),
-        tf.convert_to_tensor(encoded, tf.string),
-        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
-    )
-
-
 def decode_example(example: dict, image_size: int, *, fused: bool = True) -> dict:
     """Dict map: replaces ``example["image"]`` (encoded bytes) by its decoded, resized pixels.
 
