@@ -551,10 +551,20 @@ def _real_sample(name: str) -> list[Path]:
 
 @pytest.mark.parametrize("name", _REAL_SETS)
 def test_no_real_image_is_refused(name):
+    """Neither the builders' read_image nor the serving signature's checks refuse a real image."""
+    from leukemia_tf.data import preprocessing
+
+    checked = tf.function(
+        lambda encoded: preprocessing.decode_and_resize_checked(encoded, 224)[1],
+        input_signature=[tf.TensorSpec([], tf.string)],
+    )
     refused = []
     for path in _real_sample(name):
         try:
             images.read_image(path)
         except images.BadImageError as e:
-            refused.append(str(e))
+            refused.append(f"read_image: {e}")
+        problem = checked(path.read_bytes()).numpy().decode()
+        if problem:
+            refused.append(f"serving: {path}: {problem}")
     assert not refused, "\n".join(refused)
