@@ -427,6 +427,13 @@ def decode_and_resize_checked(encoded: tf.Tensor, image_size: int) -> tuple[tf.T
     image comes back as zeros with the reason; bytes that cannot be decoded
     at all still fail with the decoder's error.
 
+    libjpeg prints its first warning of each decode to stderr, and the probe
+    decode of every good JPEG has one: "Corrupt JPEG data: 256 extraneous
+    bytes before marker 0xd9" (the padding it skipped; the number is the
+    padding's length or a few bytes less). That line is expected and says
+    nothing about the request; a cut-short JPEG prints "premature end of data
+    segment" and is refused.
+
     Args:
       encoded: scalar ``tf.string``: JPEG, PNG, BMP or GIF bytes.
       image_size: the target square side ``S``.
