@@ -671,6 +671,8 @@ def test_signature_checks_size_from_the_header_of_every_format():
     for data, size in (
         (bad_image_bytes.jpeg_claiming(65000, 1000), [65000, 1000]),
         (bad_image_bytes.png_claiming(30000, 20000), [30000, 20000]),
+        # The largest sizes a PNG can claim: the product needs 64 unsigned bits.
+        (bad_image_bytes.png_claiming(2**32 - 1, 2**32 - 1), [2**32 - 1, 2**32 - 1]),
     ):
         header = preprocessing.header_size(data)
         np.testing.assert_array_equal(header, size)

@@ -17,7 +17,7 @@ the same reasons as the serving signature
   65000 x 65000 and make a decoder allocate gigabytes);
 * a JPEG cut short behind an end-of-image marker: libjpeg (in Pillow and in
   TensorFlow alike) only warns "Corrupt JPEG data: premature end of data
-  segment" and fills the missing part with grey. See :func:`jpeg_cut_short`.
+  segment" and fills the missing part with grey. See :func:`jpeg_is_cut_short`.
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ JPEG_SOF_MARKERS = frozenset(
 
 _JPEG_EOI = b"\xff\xd9"
 
-#: Appended to a JPEG's entropy-coded data by :func:`jpeg_cut_short`: bytes
-#: that are not all 0 or all 1 bits (libjpeg's fill for missing data decodes
-#: like zeros; an all-ones code is invalid and also read as zero), and no 0xFF
-#: (which would start a marker and end the data).
+#: Inserted before a JPEG's end marker by :func:`jpeg_is_cut_short`. Mixed
+#: bits, never all 0 or all 1: past the end of the data libjpeg feeds zero
+#: bits to the block it was decoding and leaves the later blocks zero, and it
+#: reads an all-ones (invalid) code as zero too, so such padding could decode
+#: like the missing data. No 0xFF byte: it would start a marker and end the data.
 JPEG_PROBE_PADDING = bytes((i * 151 + 89) % 255 for i in range(256))
 
 #: File extensions the builders consider images (lower case).
@@ -157,7 +158,7 @@ def jpeg_probe(raw: bytes) -> bytes:
     return body + JPEG_PROBE_PADDING + _JPEG_EOI
 
 
-def jpeg_cut_short(raw: bytes, decoded: Image.Image) -> bool:
+def jpeg_is_cut_short(raw: bytes, decoded: Image.Image) -> bool:
     """Whether a JPEG's compressed data stops before its last block.
 
     libjpeg decodes such a file without an error: at the end-of-image marker
@@ -250,7 +251,7 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, str]:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             # load() decodes every pixel: this is what catches truncation.
             image.load()
-            if image_format == "JPEG" and jpeg_cut_short(raw, image):
+            if image_format == "JPEG" and jpeg_is_cut_short(raw, image):
                 raise BadImageError(path, JPEG_CUT_SHORT)
             if (
                 image_format in _TF_NATIVE_FORMATS

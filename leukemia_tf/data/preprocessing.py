@@ -164,7 +164,7 @@ def _decode_scaled(
 
     Returns ``(image, source [h, w], cut_short)``; ``cut_short`` is a bool
     scalar, always False unless ``check_cut_short`` (JPEG only: see
-    :func:`leukemia_tf.data.images.jpeg_cut_short`; it costs a second decode
+    :func:`leukemia_tf.data.images.jpeg_is_cut_short`; it costs a second decode
     at the same scale).
     """
 
@@ -263,7 +263,10 @@ def too_large_reason(size: tf.Tensor) -> tf.Tensor:
     Returns:
       A ``tf.string`` scalar.
     """
+    # uint64: a PNG's sizes are 32-bit each, so their product can pass int64's range.
+    size = tf.cast(size, tf.uint64)
     width, height = size[0], size[1]
+    pixels = width * height
     message = tf.strings.join(
         [
             "image too large: ",
@@ -271,11 +274,11 @@ def too_large_reason(size: tf.Tensor) -> tf.Tensor:
             " x ",
             tf.strings.as_string(height),
             " = ",
-            tf.strings.as_string(width * height),
+            tf.strings.as_string(pixels),
             f" pixels, over the limit of {images.MAX_IMAGE_PIXELS} pixels",
         ]
     )
-    return tf.where(width * height > images.MAX_IMAGE_PIXELS, message, "")
+    return tf.where(pixels > images.MAX_IMAGE_PIXELS, message, "")
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -423,7 +426,7 @@ def decode_and_resize_checked(encoded: tf.Tensor, image_size: int) -> tuple[tf.T
     An image over :data:`leukemia_tf.data.images.MAX_IMAGE_PIXELS` by its
     header is refused without being decoded, and a JPEG cut short behind an
     end-of-image marker is refused after decoding (a second decode of the
-    same JPEG, see :func:`leukemia_tf.data.images.jpeg_cut_short`). A refused
+    same JPEG, see :func:`leukemia_tf.data.images.jpeg_is_cut_short`). A refused
     image comes back as zeros with the reason; bytes that cannot be decoded
     at all still fail with the decoder's error.
 
