@@ -27,7 +27,10 @@ Outputs, next to ``--output`` (default ``predictions.csv``):
   ``level_<k>_probability`` per taxonomy level (the top-down greedy decision;
   empty below the level where it reaches a leaf);
 * ``predictions_errors.csv``: every file that could not be read, with the
-  reason (header only when none failed); each is also logged to stderr;
+  reason (header only when none failed); each is also logged to stderr. A
+  file a data set build would refuse is refused here with the same reason,
+  e.g. a JPEG cut short behind an end-of-image marker, or an image over
+  ``images.MAX_IMAGE_PIXELS`` by its header (never decoded);
 * ``predictions_slides.csv`` / ``predictions_patients.csv``: per group,
   ``n_cells``, ``n_failed``, the majority vote and the mean-probability
   prediction (:func:`leukemia_tf.evaluation.aggregate.aggregate`).

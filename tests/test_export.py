@@ -620,3 +620,88 @@ def test_clients_round_trip_against_a_stand_in_server(loaded, tmp_path, capsys):
         assert len(lines) == 4 and all(str(files[0]) in line for line in lines[::2])
     finally:
         server.close()
+
+
+# --------------------------------------------------------------------------
+# The signature refuses what the data set builders refuse, with the same reasons
+# (a tiny untrained model: the checks are in the decode, not the model)
+
+
+@pytest.fixture(scope="module")
+def tiny_serving(tmp_path_factory):
+    """``serving_default`` of a saved and reloaded ServingModule around a 2-class model."""
+    import keras
+
+    from leukemia_tf.models.label_space import LabelSpace
+
+    size = 32
+    inputs = keras.Input([size, size, 3])
+    logits = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inputs))
+    model = keras.Model(inputs, {"logits": logits})
+    module = signatures.ServingModule(model, LabelSpace(["a", "b"], "flat", None), size)
+    path = tmp_path_factory.mktemp("tiny_serving") / "1"
+    tf.saved_model.save(module, str(path), signatures=module.signatures)
+    return tf.saved_model.load(str(path)).signatures["serving_default"]
+
+
+def test_signature_refuses_cut_short_and_too_large_images_naming_them(tiny_serving):
+    import bad_image_bytes
+
+    from leukemia_tf.data import images
+
+    good = _test_images()
+    cut = bad_image_bytes.jpeg_cut_short(bad_image_bytes.jpeg(96, 80))
+    huge_jpeg = bad_image_bytes.jpeg_claiming(65000, 65000)
+    huge_png = bad_image_bytes.png_claiming(30000, 30000)
+    batch = [good[0], cut, huge_jpeg, good[2], huge_png, b"not an image"]
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        tiny_serving(image_bytes=tf.constant(batch))
+    message = str(info.value)
+    assert f"image 1 of the batch ({len(cut)} bytes): {images.JPEG_CUT_SHORT}" in message
+    assert (
+        f"image 2 of the batch ({len(huge_jpeg)} bytes): "
+        f"{images.too_large_reason(65000, 65000)}" in message
+    )
+    assert (
+        f"image 4 of the batch ({len(huge_png)} bytes): "
+        f"{images.too_large_reason(30000, 30000)}" in message
+    )
+    assert "image 5 of the batch (12 bytes): not a JPEG, PNG, BMP or GIF image" in message
+    assert "image 0 " not in message and "image 3 " not in message
+    # In index order, each once.
+    positions = [message.index(f"image {i} of the batch") for i in (1, 2, 4, 5)]
+    assert positions == sorted(positions)
+    # Good images (every format and resize branch) still pass, with the pixels
+    # of the input pipeline's decode.
+    assert tiny_serving(image_bytes=tf.constant(good))["probabilities"].shape == (len(good), 2)
+    for data in good:
+        image, problem = preprocessing.decode_and_resize_checked(data, 32)
+        assert problem.numpy() == b""
+        np.testing.assert_array_equal(image, preprocessing.decode_and_resize(data, 32))
+
+
+def test_signature_checks_size_from_the_header_of_every_format():
+    from leukemia_tf.data import images
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    for image_format in ("JPEG", "PNG", "GIF", "BMP"):
+        data = _encode(pixels, image_format)
+        assert images.header_size(data) == (50, 30)
+        np.testing.assert_array_equal(preprocessing.header_size(data), [50, 30])
+    import bad_image_bytes
+
+    for data, size in (
+        (bad_image_bytes.jpeg_claiming(65000, 1000), [65000, 1000]),
+        (bad_image_bytes.png_claiming(30000, 20000), [30000, 20000]),
+        # The largest sizes a PNG can claim: the product needs 64 unsigned bits.
+        (bad_image_bytes.png_claiming(2**32 - 1, 2**32 - 1), [2**32 - 1, 2**32 - 1]),
+    ):
+        header = preprocessing.header_size(data)
+        np.testing.assert_array_equal(header, size)
+        reason = preprocessing.too_large_reason(header).numpy().decode()
+        assert reason == images.too_large_reason(*size)
+    # At the limit itself: not too large.
+    limit = preprocessing.too_large_reason(tf.constant([images.MAX_IMAGE_PIXELS, 1], tf.int64))
+    assert limit.numpy() == b""
+    np.testing.assert_array_equal(preprocessing.header_size(b"not an image"), [0, 0])

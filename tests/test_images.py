@@ -12,11 +12,12 @@ import struct
 import zlib
 from pathlib import Path
 
+import bad_image_bytes
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageFile
 
 from leukemia_tf.data import build_data_lib as build_data
 from leukemia_tf.data import images
@@ -428,3 +429,142 @@ def test_build_with_skip_bad_files_keeps_only_good_images(tmp_path, caplog):
     logged = caplog.text
     for relative in bad:
         assert str(root / relative) in logged
+
+
+# --------------------------------------------------------------------------
+# JPEGs cut short behind an end-of-image marker, and images too large to decode
+
+_CUT_SHORT_REASON = "premature end of data segment"
+
+
+@pytest.mark.parametrize(
+    "progressive, scan",
+    [(False, 0), (True, 0), (True, -1)],
+    ids=["baseline", "progressive_first_scan", "progressive_last_scan"],
+)
+def test_jpeg_cut_short_with_end_marker_is_refused(tmp_path, progressive, scan):
+    data = bad_image_bytes.jpeg(96, 80, progressive=progressive)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(bad_image_bytes.jpeg_cut_short(data, scan))
+    with pytest.raises(images.BadImageError) as info:
+        images.read_image(path)
+    assert info.value.path == str(path)
+    assert _CUT_SHORT_REASON in info.value.reason and "corrupt" in info.value.reason
+
+
+def test_complete_jpeg_with_data_after_its_end_marker_is_kept(tmp_path):
+    # Bytes after EOI (some cameras append them) do not change the pixels.
+    data = bad_image_bytes.jpeg(40, 48)
+    path = tmp_path / "tail.jpg"
+    path.write_bytes(data + b"\x00trailing bytes")
+    encoded, image_format = images.read_image(path)
+    assert image_format == "jpeg" and encoded == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "name, content, claimed",
+    [
+        ("huge.jpg", bad_image_bytes.jpeg_claiming(65000, 65000), "65000 x 65000"),
+        ("huge.png", bad_image_bytes.png_claiming(30000, 30000), "30000 x 30000"),
+        ("wide.jpg", bad_image_bytes.jpeg_claiming(60000, 1000), "60000 x 1000"),
+    ],
+    ids=["jpeg_65000", "png_30000", "jpeg_60000x1000"],
+)
+def test_too_large_image_is_refused_before_decoding(tmp_path, monkeypatch, name, content, claimed):
+    path = tmp_path / name
+    path.write_bytes(content)
+
+    def no_decode(self):
+        raise AssertionError("read_image decoded an image it must refuse from its header")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(images.BadImageError) as info:
+        images.read_image(path)
+    reason = info.value.reason
+    assert reason.startswith("image too large") and claimed in reason
+    assert f"{images.MAX_IMAGE_PIXELS} pixels" in reason
+
+
+def test_small_jpeg_claiming_a_large_size_under_the_limit_is_cut_short(tmp_path):
+    # Under the pixel limit the header is believed, and the missing data is
+    # what gives the file away.
+    path = tmp_path / "claims_2000.jpg"
+    path.write_bytes(bad_image_bytes.jpeg_claiming(2000, 1500))
+    with pytest.raises(images.BadImageError, match=_CUT_SHORT_REASON):
+        images.read_image(path)
+
+
+def test_header_size_reads_jpeg_png_gif_bmp_without_decoding(tmp_path):
+    pixels = _noise(30, 50)
+    for fmt in ("JPEG", "PNG", "GIF", "BMP"):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        assert images.header_size(buffer.getvalue()) == (50, 30), fmt
+    assert images.header_size(bad_image_bytes.png_claiming(30000, 20000)) == (30000, 20000)
+    assert images.header_size(bad_image_bytes.jpeg_claiming(65000, 100)) == (65000, 100)
+    assert images.header_size(b"not an image") is None
+
+
+def test_builder_lists_cut_short_and_too_large_files_with_their_reason(tmp_path):
+    files = {
+        "good.jpg": bad_image_bytes.jpeg(32, 32),
+        "cut.jpg": bad_image_bytes.jpeg_cut_short(),
+        "huge.jpg": bad_image_bytes.jpeg_claiming(65000, 65000),
+        "huge.png": bad_image_bytes.png_claiming(30000, 30000),
+    }
+    records = []
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        records.append(common.Record(path=tmp_path / name, label=0, file_name=name))
+    with pytest.raises(ValueError) as info:
+        list(common.generate_examples(records, "demo"))
+    lines = str(info.value).splitlines()
+    assert "demo: 3 bad file(s)" in lines[0]
+    expected = {
+        "cut.jpg": _CUT_SHORT_REASON,
+        "huge.jpg": "image too large: 65000 x 65000",
+        "huge.png": "image too large: 30000 x 30000",
+    }
+    for name, reason in expected.items():
+        assert any(str(tmp_path / name) in line and reason in line for line in lines), name
+    assert not any(str(tmp_path / "good.jpg") in line for line in lines)
+
+
+# --------------------------------------------------------------------------
+# No real image is refused (the shared data folder, when present)
+
+_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+_REAL_SETS = ("pbc", "all_taleqani", "aml_cytomorphology_lmu", "external")
+_REAL_SAMPLE = 60  # per set: evenly spread over the sorted file list
+
+
+def _real_sample(name: str) -> list[Path]:
+    root = _SHARED_DATA / name
+    if not root.is_dir():
+        pytest.skip(f"real images not available: {root} is absent")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and images.is_image_file(p))
+    if not paths:
+        pytest.skip(f"real images not available: no image files under {root}")
+    step = max(1, len(paths) // _REAL_SAMPLE)
+    return paths[::step][:_REAL_SAMPLE]
+
+
+@pytest.mark.parametrize("name", _REAL_SETS)
+def test_no_real_image_is_refused(name):
+    """Neither the builders' read_image nor the serving signature's checks refuse a real image."""
+    from leukemia_tf.data import preprocessing
+
+    checked = tf.function(
+        lambda encoded: preprocessing.decode_and_resize_checked(encoded, 224)[1],
+        input_signature=[tf.TensorSpec([], tf.string)],
+    )
+    refused = []
+    for path in _real_sample(name):
+        try:
+            images.read_image(path)
+        except images.BadImageError as e:
+            refused.append(f"read_image: {e}")
+        problem = checked(path.read_bytes()).numpy().decode()
+        if problem:
+            refused.append(f"serving: {path}: {problem}")
+    assert not refused, "\n".join(refused)

@@ -230,17 +230,6 @@ def test_decode_and_resize_rejects_bad_size_and_bytes():
         preprocessing.decode_and_resize(tf.constant(b"not an image"), 16)
 
 
-def test_decode_and_resize_batch_matches_single_images():
-    encoded = [
-        _encode(_texture(40, 30, seed=1), "JPEG"),
-        _encode(_texture(16, 16, seed=2), "PNG"),
-    ]
-    batch = preprocessing.decode_and_resize_batch(tf.constant(encoded), 24)
-    assert batch.dtype == tf.uint8 and batch.shape == (2, 24, 24, 3)
-    for image, data in zip(batch.numpy(), encoded, strict=True):
-        np.testing.assert_array_equal(image, preprocessing.decode_and_resize(data, 24))
-
-
 def test_decode_example_map_eager_and_in_tf_data():
     example = {
         "image": tf.constant(_encode(_texture(24, 36), "JPEG")),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bad_image_bytes
 import numpy as np
 import pytest
 from PIL import Image
@@ -236,3 +237,37 @@ def test_command_line_reports_failures_in_exit_status(
         len(_read_csv(output)) == 6
         and len(_read_csv(tmp_path / "cli" / "predictions_errors.csv")) == 3
     )
+
+
+def test_cut_short_and_too_large_images_are_listed_with_their_reason(
+    trained_flat_model_dir, tmp_path
+):
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    Image.fromarray(_pixels(48, 40, 1)).save(folder / "good.jpg", quality=92)
+    bad = {
+        "cut.jpg": (
+            bad_image_bytes.jpeg_cut_short(bad_image_bytes.jpeg(96, 80)),
+            images_lib.JPEG_CUT_SHORT,
+        ),
+        "huge.jpg": (
+            bad_image_bytes.jpeg_claiming(65000, 65000),
+            images_lib.too_large_reason(65000, 65000),
+        ),
+        "huge.png": (
+            bad_image_bytes.png_claiming(30000, 30000),
+            images_lib.too_large_reason(30000, 30000),
+        ),
+    }
+    for name, (content, _) in bad.items():
+        (folder / name).write_bytes(content)
+    output = tmp_path / "out" / "predictions.csv"
+    result = predict_lib.predict(trained_flat_model_dir, str(folder), output, verbose=0)
+    assert (result.num_images, result.num_predicted, result.num_failed) == (4, 1, 3)
+    assert [Path(r["file"]).name for r in _read_csv(output)] == ["good.jpg"]
+    errors = {Path(r["file"]).name: r["error"] for r in _read_csv(result.errors_file)}
+    assert errors == {name: reason for name, (_, reason) in bad.items()}
+    assert sorted(Path(p).name for p, _ in result.failures) == sorted(bad)
+    summary = predict_lib.summary(result)
+    assert "FAILED: 3 image(s) could not be read" in summary
+    assert str(folder / "huge.jpg") in summary

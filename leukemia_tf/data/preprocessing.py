@@ -2,8 +2,11 @@
 
 :func:`decode_and_resize` turns the encoded bytes of one image (JPEG, PNG,
 BMP or GIF, any size) into a ``uint8 [S, S, 3]`` tensor. The input pipeline
-calls it, and so does the serving signature, so a served model sees exactly
-the pixels it was trained and evaluated on.
+calls it, and the serving signature calls :func:`decode_and_resize_checked`,
+the same decode and resize after the checks that the data set builders make
+on every file (:mod:`leukemia_tf.data.images`), so a served model sees
+exactly the pixels it was trained and evaluated on, and refuses the files
+that a build refuses, with the same reasons.
 
 Resize policy (measured in ``BENCHMARKS.md``, "Input pipeline"):
 
@@ -52,6 +55,8 @@ Every function here is deterministic and works eagerly and inside a graph.
 from __future__ import annotations
 
 import tensorflow as tf
+
+from leukemia_tf.data import images
 
 #: Bumped whenever decode_and_resize's output changes (it names file caches).
 PREPROCESSING_VERSION = 2
@@ -142,20 +147,138 @@ def _decode_jpeg(encoded: tf.Tensor, ratio: int = 1) -> tf.Tensor:
     return tf.io.decode_jpeg(encoded, channels=3, ratio=ratio, dct_method=JPEG_DCT_METHOD)
 
 
-def _decode_scaled(encoded: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Decodes with DCT downscaling when the image is large; returns (image, source [h, w])."""
+def _jpeg_probe(encoded: tf.Tensor) -> tf.Tensor:
+    """:func:`leukemia_tf.data.images.jpeg_probe` in the graph: padding before the final EOI."""
+    eoi = b"\xff\xd9"
+    ends_with_eoi = tf.equal(tf.strings.substr(encoded, -2, 2), eoi)
+    body = tf.where(
+        ends_with_eoi, tf.strings.substr(encoded, 0, tf.strings.length(encoded) - 2), encoded
+    )
+    return tf.strings.join([body, images.JPEG_PROBE_PADDING, eoi])
 
-    def jpeg() -> tuple[tf.Tensor, tf.Tensor]:
+
+def _decode_scaled(
+    encoded: tf.Tensor, image_size: int, check_cut_short: bool = False
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Decodes with DCT downscaling when the image is large.
+
+    Returns ``(image, source [h, w], cut_short)``; ``cut_short`` is a bool
+    scalar, always False unless ``check_cut_short`` (JPEG only: see
+    :func:`leukemia_tf.data.images.jpeg_is_cut_short`; it costs a second decode
+    at the same scale).
+    """
+
+    def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         source_hw = tf.image.extract_jpeg_shape(encoded)[:2]
         index = jpeg_ratio_index(source_hw[0], source_hw[1], image_size)
-        branches = [(lambda r=r: _decode_jpeg(encoded, r)) for r in JPEG_RATIOS]
-        return tf.switch_case(index, branches), source_hw
 
-    def other() -> tuple[tf.Tensor, tf.Tensor]:
+        def branch(ratio: int) -> tuple[tf.Tensor, tf.Tensor]:
+            image = _decode_jpeg(encoded, ratio)
+            if not check_cut_short:
+                return image, tf.constant(False)
+            # Same header, so the same shape: the pixels compare directly.
+            probe = _decode_jpeg(_jpeg_probe(encoded), ratio)
+            return image, tf.logical_not(tf.reduce_all(tf.equal(image, probe)))
+
+        image, cut_short = tf.switch_case(index, [lambda r=r: branch(r) for r in JPEG_RATIOS])
+        return image, source_hw, cut_short
+
+    def other() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-        return image, tf.shape(image)[:2]
+        return image, tf.shape(image)[:2], tf.constant(False)
 
     return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+
+
+def header_size(encoded: tf.Tensor) -> tf.Tensor:
+    """``int64 [2]`` ``[width, height]`` that an encoded image's header claims.
+
+    The graph version of :func:`leukemia_tf.data.images.header_size`: JPEG
+    through ``tf.image.extract_jpeg_shape`` (which reads the header only),
+    PNG (IHDR), GIF (logical screen) and BMP (info header) from their bytes.
+    Nothing is decoded.
+
+    Args:
+      encoded: scalar ``tf.string``.
+
+    Returns:
+      ``[width, height]``; ``[0, 0]`` for another format.
+
+    Raises:
+      tf.errors.InvalidArgumentError: (at run time) a JPEG whose header
+        cannot be parsed.
+    """
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    # The first 32 bytes as integers (zero-padded: a short file reads zeros).
+    head = tf.strings.substr(tf.strings.join([encoded, b"\0" * 32]), 0, 32)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+    def big_endian(offset: int, size: int) -> tf.Tensor:
+        return sum(b[offset + k] * 256 ** (size - 1 - k) for k in range(size))
+
+    def little_endian(offset: int, size: int) -> tf.Tensor:
+        return sum(b[offset + k] * 256**k for k in range(size))
+
+    def signed32(offset: int) -> tf.Tensor:
+        value = little_endian(offset, 4)
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+
+    def starts_with(magic: bytes) -> tf.Tensor:
+        return tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic)
+
+    png = tf.logical_and(
+        starts_with(b"\x89PNG\r\n\x1a\n"), tf.equal(tf.strings.substr(encoded, 12, 4), b"IHDR")
+    )
+    bmp = tf.logical_and(starts_with(b"BM"), tf.strings.length(encoded) >= 26)
+    bmp_core = tf.equal(little_endian(14, 4), 12)  # OS/2 header: 16-bit sizes
+    size = tf.zeros([2], tf.int64)
+    size = tf.where(png, tf.stack([big_endian(16, 4), big_endian(20, 4)]), size)
+    size = tf.where(
+        tf.logical_and(starts_with(b"GIF8"), tf.strings.length(encoded) >= 10),
+        tf.stack([little_endian(6, 2), little_endian(8, 2)]),
+        size,
+    )
+    size = tf.where(
+        bmp,
+        tf.where(
+            bmp_core,
+            tf.stack([little_endian(18, 2), little_endian(20, 2)]),
+            tf.stack([signed32(18), signed32(22)]),
+        ),
+        size,
+    )
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[1::-1], tf.int64),
+        lambda: size,
+    )
+
+
+def too_large_reason(size: tf.Tensor) -> tf.Tensor:
+    """:func:`leukemia_tf.data.images.too_large_reason` in the graph, or ``""`` within the limit.
+
+    Args:
+      size: ``int64 [2]``, ``[width, height]`` (:func:`header_size`).
+
+    Returns:
+      A ``tf.string`` scalar.
+    """
+    # uint64: a PNG's sizes are 32-bit each, so their product can pass int64's range.
+    size = tf.cast(size, tf.uint64)
+    width, height = size[0], size[1]
+    pixels = width * height
+    message = tf.strings.join(
+        [
+            "image too large: ",
+            tf.strings.as_string(width),
+            " x ",
+            tf.strings.as_string(height),
+            " = ",
+            tf.strings.as_string(pixels),
+            f" pixels, over the limit of {images.MAX_IMAGE_PIXELS} pixels",
+        ]
+    )
+    return tf.where(pixels > images.MAX_IMAGE_PIXELS, message, "")
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
@@ -289,7 +412,7 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, *, fused: bool = True
     image_size = check_image_size(image_size)
     encoded = tf.convert_to_tensor(encoded, tf.string)
     if fused:
-        image, source_hw = _decode_scaled(encoded, image_size)
+        image, source_hw, _ = _decode_scaled(encoded, image_size)
     else:
         image = decode_image(encoded)
         source_hw = tf.shape(image)[:2]
@@ -297,22 +420,45 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, *, fused: bool = True
     return tf.ensure_shape(out, [image_size, image_size, 3])
 
 
-def decode_and_resize_batch(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """:func:`decode_and_resize` over a batch: for a serving signature taking encoded images.
+def decode_and_resize_checked(encoded: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """:func:`decode_and_resize` for bytes from outside (serving), after the builders' checks.
+
+    An image over :data:`leukemia_tf.data.images.MAX_IMAGE_PIXELS` by its
+    header is refused without being decoded, and a JPEG cut short behind an
+    end-of-image marker is refused after decoding (a second decode of the
+    same JPEG, see :func:`leukemia_tf.data.images.jpeg_is_cut_short`). A refused
+    image comes back as zeros with the reason; bytes that cannot be decoded
+    at all still fail with the decoder's error.
+
+    libjpeg prints its first warning of each decode to stderr, and the probe
+    decode of every good JPEG has one: "Corrupt JPEG data: 256 extraneous
+    bytes before marker 0xd9" (the padding it skipped; the number is the
+    padding's length or a few bytes less). That line is expected and says
+    nothing about the request; a cut-short JPEG prints "premature end of data
+    segment" and is refused.
 
     Args:
-      encoded: ``tf.string [B]``.
+      encoded: scalar ``tf.string``: JPEG, PNG, BMP or GIF bytes.
       image_size: the target square side ``S``.
 
     Returns:
-      ``uint8 [B, S, S, 3]``.
+      ``(image, problem)``: ``uint8 [S, S, 3]`` and a ``tf.string`` scalar,
+      ``""`` for a good image, else the reason (the text of
+      :func:`leukemia_tf.data.images.too_large_reason` or
+      :data:`leukemia_tf.data.images.JPEG_CUT_SHORT`).
     """
     image_size = check_image_size(image_size)
-    return tf.map_fn(
-        lambda e: decode_and_resize(e, image_size),
-        tf.convert_to_tensor(encoded, tf.string),
-        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
-    )
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    blank = tf.zeros([image_size, image_size, 3], tf.uint8)
+    too_large = too_large_reason(header_size(encoded))
+
+    def decode() -> tuple[tf.Tensor, tf.Tensor]:
+        image, source_hw, cut_short = _decode_scaled(encoded, image_size, check_cut_short=True)
+        out = _fit_and_pad(image, source_hw, image_size)
+        return out, tf.where(cut_short, images.JPEG_CUT_SHORT, "")
+
+    out, problem = tf.cond(tf.equal(too_large, ""), decode, lambda: (blank, too_large))
+    return tf.ensure_shape(out, [image_size, image_size, 3]), problem
 
 
 def decode_example(example: dict, image_size: int, *, fused: bool = True) -> dict:

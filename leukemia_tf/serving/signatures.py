@@ -3,10 +3,14 @@
 Two signatures share one model and one output head:
 
 * ``serving_default``: ``image_bytes`` ``tf.string [N]``, encoded JPEG, PNG,
-  BMP or GIF (first frame) images of any size. Each is decoded and resized by
-  :func:`leukemia_tf.data.preprocessing.decode_and_resize`, the function the
-  input pipeline uses for training and evaluation, so a served model sees the
-  pixels it was evaluated on.
+  BMP or GIF (first frame) images of up to
+  :data:`leukemia_tf.data.images.MAX_IMAGE_PIXELS` pixels. Each is checked,
+  decoded and resized by
+  :func:`leukemia_tf.data.preprocessing.decode_and_resize_checked`: the
+  decode and resize the input pipeline uses for training and evaluation, so
+  a served model sees the pixels it was evaluated on, after the checks the
+  data set builders make (an image too large by its header is refused before
+  decoding; a JPEG cut short behind an end-of-image marker is refused).
 * ``predict_pixels``: ``pixels`` ``float32 [N, H, W, 3]``, RGB values in
   [0, 255]. At the model's own size (``H == W == S``) the values go to the
   model unchanged (no rounding: exactly what ``model(pixels)`` computes). Any
@@ -24,7 +28,8 @@ the level where the chosen node is a leaf).
 
 Bad requests fail with ``InvalidArgument`` naming the problem, never with a
 crash: an image that cannot be decoded is reported with its index in the
-batch, its size and what its first bytes say it is.
+batch, its size and the reason (too large, cut short, or what its first bytes
+say it is when the decoder itself fails).
 """
 
 from __future__ import annotations
@@ -173,13 +178,15 @@ def describe_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
 
 
 def decode_batch(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decodes and resizes a batch of encoded images; fails naming every bad one.
+    """Checks, decodes and resizes a batch of encoded images; fails naming every bad one.
 
-    Each image goes through ``decode_and_resize``. The decodes run in a
-    per-request ``tf.data`` pipeline (parallel, order kept) whose
-    ``ignore_errors`` turns a decoder's failure into a missing index instead of
-    an opaque op error, so the request fails with one ``InvalidArgument``
-    that lists each bad image by its index in the batch.
+    Each image goes through ``decode_and_resize_checked``, which returns the
+    reason for an image it refuses (too large by its header, a JPEG cut
+    short). The decodes run in a per-request ``tf.data`` pipeline (parallel,
+    order kept) whose ``ignore_errors`` turns a decoder's own failure into a
+    missing index instead of an opaque op error, so the request fails with
+    one ``InvalidArgument`` that lists each bad image by its index in the
+    batch.
 
     Args:
       image_bytes: ``tf.string [N]``.
@@ -189,29 +196,51 @@ def decode_batch(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
       ``uint8 [N, S, S, 3]``.
 
     Raises:
-      tf.errors.InvalidArgumentError: (at run time) an image that cannot be
-        decoded, e.g. ``image 2 of the batch (1043 bytes): a corrupt or
-        truncated JPEG``.
+      tf.errors.InvalidArgumentError: (at run time) an image that is refused
+        or cannot be decoded, e.g. ``image 2 of the batch (1043 bytes): a
+        corrupt or truncated JPEG`` or ``image 0 of the batch (632 bytes):
+        image too large: 65000 x 65000 = 4225000000 pixels, over the limit of
+        50000000 pixels``.
     """
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
     count = tf.shape(image_bytes, out_type=tf.int64)[0]
     indices = tf.range(count)
     ds = tf.data.Dataset.from_tensor_slices((indices, image_bytes))
     ds = ds.map(
-        lambda i, b: (i, preprocessing.decode_and_resize(b, image_size)),
+        lambda i, b: (i, *preprocessing.decode_and_resize_checked(b, image_size)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
     ds = ds.ignore_errors(log_warning=False)
     # A sentinel keeps the batch non-empty (get_single_element needs one
     # element) when the request is empty or every image failed.
-    sentinel = (tf.constant(-1, tf.int64), tf.zeros([image_size, image_size, 3], tf.uint8))
+    sentinel = (
+        tf.constant(-1, tf.int64),
+        tf.zeros([image_size, image_size, 3], tf.uint8),
+        tf.constant(""),
+    )
     ds = ds.concatenate(tf.data.Dataset.from_tensors(sentinel))
-    decoded_indices, images = ds.batch(count + 1).get_single_element()
-    decoded_indices, images = decoded_indices[:-1], images[:-1]
+    decoded_indices, images, problems = ds.batch(count + 1).get_single_element()
+    decoded_indices, images, problems = decoded_indices[:-1], images[:-1], problems[:-1]
 
-    ok = tf.equal(tf.size(decoded_indices, out_type=tf.int64), count)
-    failed = tf.sparse.to_dense(tf.sets.difference(indices[None, :], decoded_indices[None, :]))[0]
+    # Two kinds of failure: refused with a reason (decoded_indices, problems),
+    # and failed in the decoder (missing from decoded_indices), described by
+    # the first bytes.
+    refused = tf.not_equal(problems, "")
+    undecodable = tf.sparse.to_dense(
+        tf.sets.difference(indices[None, :], decoded_indices[None, :])
+    )[0]
+    failed = tf.concat([tf.boolean_mask(decoded_indices, refused), undecodable], axis=0)
+    reasons = tf.concat(
+        [
+            tf.boolean_mask(problems, refused),
+            tf.gather(describe_bytes(image_bytes), undecodable),
+        ],
+        axis=0,
+    )
+    order = tf.argsort(failed)
+    failed, reasons = tf.gather(failed, order), tf.gather(reasons, order)
+    ok = tf.equal(tf.size(failed), 0)
     details = tf.strings.join(
         [
             "image ",
@@ -219,7 +248,7 @@ def decode_batch(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
             " of the batch (",
             tf.strings.as_string(tf.strings.length(tf.gather(image_bytes, failed))),
             " bytes): ",
-            tf.gather(describe_bytes(image_bytes), failed),
+            reasons,
         ]
     )
     message = tf.strings.reduce_join(details, separator="; ")
