@@ -6,7 +6,7 @@ each taxonomy level), ``predictions_errors.csv`` (files that could not be
 read, with the reason) and, for a CSV input with a ``slide_id`` /
 ``patient_id`` column, ``predictions_slides.csv`` / ``predictions_patients.csv``
 (majority vote and mean probability per group). See
-:mod:`leukemia_tf.predict_lib`.
+:mod:`leukemia_tf.serving.predict_lib`.
 
 Exit status: 0 when every image was predicted, 1 when some could not be read
 (their predictions are missing, the others are written), 2 on bad usage.
@@ -82,7 +82,7 @@ def _explicit(flag: flags.FlagHolder) -> str | None:
 
 def main(argv: Sequence[str]) -> int:
     cli.check_no_args(argv)
-    from leukemia_tf import predict_lib  # heavy imports after flag parsing
+    from leukemia_tf.serving import predict_lib  # heavy imports after flag parsing
 
     try:
         result = predict_lib.predict(

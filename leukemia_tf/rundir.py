@@ -28,6 +28,7 @@ either.)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -185,6 +186,25 @@ def write_text(path: str, text: str) -> None:
     with tf.io.gfile.GFile(tmp, "w") as f:
         f.write(text)
     _commit(tmp, path)
+
+
+@contextlib.contextmanager
+def open_whole(path: str | os.PathLike, **kwargs):
+    """Opens a local file for writing, whole or not at all (a temporary name, renamed at the end).
+
+    ``kwargs`` go to :func:`open` (``newline``, ``encoding``); the file is
+    replaced only when the ``with`` block ends without an exception.
+    """
+    path = os.fspath(path)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w", **kwargs) as f:
+            yield f
+        fault_point(f"save:{basename(path)}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_text(path: str) -> str:

@@ -11,10 +11,9 @@ import tensorflow as tf
 from conftest import tiny_train_config
 from PIL import Image
 
-from leukemia_tf import predict_lib
 from leukemia_tf.data import build_data_lib as build_lib
 from leukemia_tf.evaluation import evaluate_lib
-from leukemia_tf.serving import export_lib
+from leukemia_tf.serving import export_lib, predict_lib
 from leukemia_tf.training import train_lib
 
 

@@ -162,7 +162,7 @@ def test_export(trained_flat_model_dir, ram_model_dir, images, tmp_path):
 
 
 def test_predict(trained_flat_model_dir, ram_model_dir, images, tmp_path):
-    from leukemia_tf import predict_lib
+    from leukemia_tf.serving import predict_lib
 
     folder, _ = images
     with pytest.raises(FileNotFoundError, match=f"{ram_model_dir}/calibration.json not found"):
@@ -184,9 +184,8 @@ def test_predict(trained_flat_model_dir, ram_model_dir, images, tmp_path):
 
 
 def test_missing_remote_model_dir(images, tmp_path):
-    from leukemia_tf import predict_lib
     from leukemia_tf.evaluation import evaluate_lib
-    from leukemia_tf.serving import export_lib
+    from leukemia_tf.serving import export_lib, predict_lib
 
     missing = f"ram://remote_missing_{uuid.uuid4().hex[:8]}/nowhere"
     message = f"--model_dir='{missing}' does not exist"

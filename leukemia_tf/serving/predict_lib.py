@@ -405,7 +405,7 @@ def _write_cells(
     header += [f"prob_{name}" for name in class_names]
     for k in range(len(levels)):
         header += [f"level_{k}_decision", f"level_{k}_probability"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with rundir.open_whole(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for index in sorted(done):
@@ -426,7 +426,7 @@ def _write_cells(
 def _write_errors(
     path: str, items: Sequence[InputImage], failures: dict[int, str], group_columns: Sequence[str]
 ) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with rundir.open_whole(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", *group_columns, "error"])
         for index in sorted(failures):
@@ -465,7 +465,7 @@ def _write_groups(
     header += ["mean_prediction", "mean_probability"]
     header += [f"mean_prob_{name}" for name in class_names]
     header += [f"votes_{name}" for name in class_names]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with rundir.open_whole(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for g, group in enumerate(pooled["group_ids"]):
