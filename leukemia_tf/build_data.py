@@ -75,10 +75,10 @@ def main(argv: Sequence[str]) -> None:
         raise cli.UserError(f"--manual_dir={manual_dir!r} is not a folder")
 
     # Imported after flag parsing: TensorFlow loads with the console settings.
-    from leukemia_tf.data import pipeline
+    from leukemia_tf.data import names  # imports TensorFlow
     from leukemia_tf.data.build_data_lib import build
 
-    pipeline.check_dataset_name(_DATASET.value)
+    names.check_dataset_name(_DATASET.value)
     _check_manual_download(_DATASET.value, _DATA_DIR.value, manual_dir)
     try:
         builder = build(

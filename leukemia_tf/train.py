@@ -35,9 +35,9 @@ def preflight(config: config_lib.TrainConfig) -> None:
     """
     config.validate()
     config_lib.check_model_dir(config)
-    from leukemia_tf.data import pipeline  # imports TensorFlow
+    from leukemia_tf.data import names  # imports TensorFlow
 
-    pipeline.check_datasets(
+    names.check_datasets(
         config.datasets,
         {"train_split": config.train_split, "val_split": config.val_split},
         config.data_dir or None,

@@ -35,11 +35,11 @@ def main(argv: Sequence[str]) -> None:
     search = search_space.SearchConfig.from_flags(flags.FLAGS)
     search_space.check_search(search, base)  # ConfigError: exit 2, one line
 
-    from leukemia_tf.data import pipeline  # imports TensorFlow
+    from leukemia_tf.data import names  # imports TensorFlow
 
     # Before --tune_dir is touched: a typo in a data set or split name fails now,
     # not in the first trial.
-    pipeline.check_datasets(
+    names.check_datasets(
         base.datasets,
         {"train_split": base.train_split, "val_split": base.val_split},
         base.data_dir or None,

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from leukemia_tf.data import pipeline, preprocessing
+from leukemia_tf.data import names, pipeline, preprocessing
 from leukemia_tf.taxonomy import Taxonomy
 
 ORIGINAL = "all_taleqani/original"
@@ -486,7 +486,7 @@ def test_evaluation_mixture_concatenates_and_native_mode_needs_same_classes(pipe
 
 
 def test_missing_and_unknown_data_sets_give_clear_errors(pipeline_data):
-    with pytest.raises(pipeline.DatasetNotBuiltError) as info:
+    with pytest.raises(names.DatasetNotBuiltError) as info:
         pipeline.load_split(
             ORIGINAL,
             "train",

@@ -10,7 +10,8 @@ limit what the numbers mean. Every figure is a PNG next to the report.
 sentences ``metrics.json`` itself carries (caveats, calibration notes, what a
 decision rule or a bootstrap unit is) are worded here too, by the functions
 under "Text of metrics.json", so that all report text lives in one module;
-``evaluate_lib`` decides which apply.
+the sections (``sections``, ``figure_sections``) and ``evaluate_lib`` decide
+which apply.
 """
 
 from __future__ import annotations
