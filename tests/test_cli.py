@@ -157,28 +157,24 @@ _SCRIPT = textwrap.dedent(
         ("ok", 0, ""),
     ],
 )
-def test_user_errors_are_one_line(tmp_path, what, status, stderr):
-    script = _SCRIPT.replace("WHAT", repr(what))
+def _run_script(what: str) -> subprocess.CompletedProcess:
     # --log_level=info: the wrapper then skips its quiet TensorFlow import (faster).
-    proc = subprocess.run(
-        [sys.executable, "-c", script, "--log_level=info"],
+    return subprocess.run(
+        [sys.executable, "-c", _SCRIPT.replace("WHAT", repr(what)), "--log_level=info"],
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_user_errors_are_one_line(tmp_path, what, status, stderr):
+    proc = _run_script(what)
     assert (proc.returncode, proc.stderr) == (status, stderr)
 
 
 def test_bugs_keep_their_traceback():
-    script = _SCRIPT.replace("WHAT", repr("bug"))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, "--log_level=info"],
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _run_script("bug")
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "RuntimeError: a real bug" in proc.stderr
 
