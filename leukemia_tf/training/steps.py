@@ -171,7 +171,7 @@ class TrainStep:
         self.apply(grads)
         return stats
 
-    def function(self) -> Callable[[object, tf.Tensor], tf.Tensor]:
+    def function(self) -> Callable[[object, int], tf.Tensor]:
         """``fn(iterator, num_steps) -> summed statistics``; make a new one when the
         trainable variables change (a traced function keeps the old list)."""
         strategy, num_replicas = self.strategy, self.strategy.num_replicas_in_sync
@@ -197,12 +197,24 @@ class TrainStep:
                 return stats
 
         @tf.function
-        def train_fn(iterator, num_steps):
+        def several(iterator, num_steps):
             totals = tf.zeros([3])
             for _ in tf.range(num_steps):
                 out = strategy.run(step, args=(next(iterator),))
                 totals += strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
             return totals
+
+        @tf.function
+        def one(iterator):
+            out = strategy.run(step, args=(next(iterator),))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
+
+        def train_fn(iterator, num_steps: int) -> tf.Tensor:
+            # A single step runs without the while loop around it, as Model.fit
+            # does with steps_per_execution=1.
+            if num_steps == 1:
+                return one(iterator)
+            return several(iterator, tf.constant(num_steps, tf.int32))
 
         return train_fn
 

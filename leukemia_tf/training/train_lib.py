@@ -407,7 +407,7 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
         progbar = _progress_bar(config, chief, epoch, stage, steps_per_epoch)
         while done < steps_per_epoch:
             n = min(config.steps_per_execution, steps_per_epoch - done)
-            chunk = train_fn(iterator, tf.constant(n, tf.int32)).numpy()
+            chunk = train_fn(iterator, n).numpy()
             done += n
             global_step = epoch * steps_per_epoch + done
             if not np.isfinite(chunk[0]):
