@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from leukemia_tf import rundir
 from leukemia_tf.data import images as images_lib
 from leukemia_tf.data import preprocessing
-from leukemia_tf import rundir
 from leukemia_tf.serving import predict_lib
 
 GOOD = ("a.png", "b.jpg", "sub/c.bmp", "sub/d16.tif", "e_rgba.png", "f.jpg")
