@@ -149,14 +149,6 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    "what, status, stderr",
-    [
-        ("user", 2, "error: --x='y': bad over two lines\n"),
-        ("partial", 1, "error: 3 files unreadable\n"),
-        ("ok", 0, ""),
-    ],
-)
 def _run_script(what: str) -> subprocess.CompletedProcess:
     # --log_level=info: the wrapper then skips its quiet TensorFlow import (faster).
     return subprocess.run(
@@ -168,6 +160,14 @@ def _run_script(what: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize(
+    "what, status, stderr",
+    [
+        ("user", 2, "error: --x='y': bad over two lines\n"),
+        ("partial", 1, "error: 3 files unreadable\n"),
+        ("ok", 0, ""),
+    ],
+)
 def test_user_errors_are_one_line(tmp_path, what, status, stderr):
     proc = _run_script(what)
     assert (proc.returncode, proc.stderr) == (status, stderr)
