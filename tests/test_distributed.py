@@ -328,7 +328,7 @@ def test_remote_model_dir_writes_and_resumes(synthetic_data_dir):
     names = set(tf.io.gfile.listdir(model_dir))
     assert {"best.keras", "last.keras", "history.csv", "train_summary.json", "logs"} <= names
     assert "backup" not in names
-    assert TrainConfig.load(model_dir) == cfg
+    assert rundir.read_config(model_dir) == cfg
     labels = tf.io.gfile.GFile(f"{model_dir}/labels.txt").read().split()
     assert labels == result.class_names
     assert keras.models.load_model(f"{model_dir}/best.keras") is not None

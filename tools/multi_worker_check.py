@@ -237,10 +237,10 @@ def _history(model_dir: Path) -> list[dict]:
 
 def _lr_sum(model_dir: Path) -> float:
     """The sum of the learning rates of every step (the bound on a flipped weight)."""
+    from leukemia_tf import rundir
     from leukemia_tf.training import schedules
-    from leukemia_tf.training.config import TrainConfig
 
-    config = TrainConfig.load(model_dir)
+    config = rundir.read_config(model_dir)
     steps = config.steps_per_epoch * config.epochs
     schedule = schedules.TwoStageWarmupCosine(
         peak_lr=config.learning_rate,

@@ -37,11 +37,13 @@ def peek_progress(model_dir: str) -> tuple[int, int]:
     latest = tf.train.latest_checkpoint(rundir.join(model_dir, rundir.BACKUP_DIR))
     if not latest:
         return 0, 0
-    names = {name for name, _ in tf.train.list_variables(latest)}
+    # The reader itself: tf.train.list_variables takes a path that is a folder
+    # on some file systems (TF's ram://) for a folder and finds no checkpoint.
+    reader = tf.compat.v1.train.NewCheckpointReader(latest)
     out = []
     for key in _PROGRESS_KEYS:
         name = f"{key}/.ATTRIBUTES/VARIABLE_VALUE"
-        out.append(int(tf.train.load_variable(latest, name)) if name in names else 0)
+        out.append(int(reader.get_tensor(name)) if reader.has_tensor(name) else 0)
     return out[0], out[1]
 
 
