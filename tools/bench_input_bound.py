@@ -12,7 +12,7 @@ per run, each in a fresh process, on the recipe given by ``--flagfile``:
 
 Validation is switched off (``--val_split=``) so an epoch's time is training
 only. Reported: images/s of epoch 1 and the median of epochs 2..N of each
-source, and ``pipeline / memory`` for both (the issue's target: >= 0.95; on a
+source, and ``pipeline / memory`` for both (the target: >= 0.95; on a
 CPU the input pipeline and the model share the same cores, so whatever the
 pipeline costs shows up directly). With ``--runs`` > 1 the two sources
 alternate (the order rotates) and the medians of the within-run ratios are
