@@ -388,7 +388,8 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
     parts = _build(config, strategy, precision, data, model_dir, write_dir, chief)
     state, steps_per_epoch = parts.state, data.steps_per_epoch
     start_epoch = state.restore(config.overwrite)
-    if distribute.num_workers(strategy) > 1:
+    single_worker = distribute.num_workers(strategy) == 1
+    if not single_worker:
         distribute.check_workers_agree(strategy, start_epoch, _run_fingerprint(config))
     if chief:
         rundir.write_config(model_dir, config)
@@ -423,11 +424,17 @@ def _train(config, strategy, precision, chief, sigterm, hooks, start_time) -> Tr
                 )
             rundir.fault_point("step")
             if sigterm.received and done < steps_per_epoch:
-                state.save_partial(epoch, done, totals, steps_per_epoch)
+                if single_worker:  # saving is collective: other workers may not stop here
+                    state.save_partial(epoch, done, totals, steps_per_epoch)
                 raise Preempted(
                     f"SIGTERM received: stopped at step {global_step} (epoch {epoch + 1}, step "
-                    f"{done} of {steps_per_epoch}) with a checkpoint. Resume with: python -m "
-                    f"leukemia_tf.train --flagfile={resume}"
+                    f"{done} of {steps_per_epoch})"
+                    + (
+                        " with a checkpoint"
+                        if single_worker
+                        else f"; it resumes after epoch {epoch}"
+                    )
+                    + f". Resume with: python -m leukemia_tf.train --flagfile={resume}"
                 )
         logs = {
             "epoch": epoch,
