@@ -92,6 +92,16 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def image_files_under(folder: str | os.PathLike) -> list[str]:
+    """Every image file below ``folder`` (recursive, :func:`is_image_file`), sorted."""
+    return sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if is_image_file(name)
+    )
+
+
 def too_large_reason(width: int, height: int) -> str:
     """The reason given for an image over :data:`MAX_IMAGE_PIXELS` (same text in serving)."""
     return (

@@ -205,12 +205,7 @@ def collect_inputs(
                 )
         group_columns = []
         if os.path.isdir(expanded):
-            paths = sorted(
-                os.path.join(root, name)
-                for root, dirs, names in os.walk(expanded)
-                for name in names
-                if images_lib.is_image_file(name)
-            )
+            paths = images_lib.image_files_under(expanded)
         elif os.path.isfile(expanded):
             paths = [expanded]
         elif _has_glob_magic(expanded):

@@ -110,12 +110,7 @@ def read_image_files(pattern: str | Sequence[str], limit: int = DEFAULT_REAL_IMA
     """
     if isinstance(pattern, str):
         if os.path.isdir(pattern):
-            paths = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(pattern)
-                for name in names
-                if images_lib.is_image_file(name)
-            )
+            paths = images_lib.image_files_under(pattern)
         else:
             paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     else:
