@@ -178,8 +178,14 @@ def main(argv) -> None:
                 break
             tried += 1
             events.append(f"{what}: exit {code}")
-        if code != 0:  # the last kill landed: restart once, to the end
+        from leukemia_tf import rundir
+
+        # The last kill landed: restart once, to the end, unless it landed after the
+        # summary was written (the run had finished; a restart would be refused).
+        if code != 0 and not rundir.is_finished(str(model_dir)):
             code, _, err = _run(model_dir)
+        elif code != 0:
+            code = 0
         problems = [f"restart exit {code}: {err[-300:]}"] if code else _check(model_dir, reference)
         kills = sum(1 for e in events if "finished first" not in e)
         if not problems:
