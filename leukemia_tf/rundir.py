@@ -121,10 +121,6 @@ def basename(path: str | os.PathLike) -> str:
     return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
-def exists(path: str) -> bool:
-    return tf.io.gfile.exists(path)
-
-
 def remove(path: str) -> None:
     """Deletes a file or a directory tree (local or remote) if it exists."""
     if tf.io.gfile.isdir(path):
@@ -200,8 +196,7 @@ def open_whole(path: str | os.PathLike, **kwargs):
     try:
         with open(tmp, "w", **kwargs) as f:
             yield f
-        fault_point(f"save:{basename(path)}")
-        os.replace(tmp, path)
+        _commit(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -37,8 +37,8 @@ def peek_progress(model_dir: str) -> tuple[int, int]:
     latest = tf.train.latest_checkpoint(rundir.join(model_dir, rundir.BACKUP_DIR))
     if not latest:
         return 0, 0
-    # The reader itself: tf.train.list_variables takes a path that is a folder
-    # on some file systems (TF's ram://) for a folder and finds no checkpoint.
+    # A reader of the file itself: tf.train.list_variables asks first whether the
+    # path is a folder, which TF's ram:// answers yes for a checkpoint prefix.
     reader = tf.compat.v1.train.NewCheckpointReader(latest)
     out = []
     for key in _PROGRESS_KEYS:

@@ -434,7 +434,7 @@ def retrain_best(tune_dir: str, export_dir: str | None = None):
 
     config = retrain_config(tune_dir)
     train_result = None
-    if tf.io.gfile.exists(os.path.join(config.model_dir, rundir.SUMMARY)):
+    if rundir.is_finished(config.model_dir):
         print(f"Reusing the finished retraining in {config.model_dir}.")
     else:
         print(

@@ -340,7 +340,7 @@ class EngineTuner(keras_tuner.Tuner):
         rundir.write_json(os.path.join(model_dir, TRIAL_INFO), info)
         self._write_hparams(trial, model_dir)
 
-        finished = tf.io.gfile.exists(os.path.join(model_dir, rundir.SUMMARY))
+        finished = rundir.is_finished(model_dir)
         if not finished and len(rundir.read_history(model_dir)) < target:
             stop_early = target < config.epochs
 
