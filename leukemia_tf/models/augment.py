@@ -340,7 +340,7 @@ def _sub_seeds(seed: int | None, count: int) -> list[int | None]:
 
 @keras.saving.register_keras_serializable(package="leukemia_tf")
 class Augmenter(keras.layers.Layer):
-    """Flips, 90-degree rotations, random resized crop and colour jitter.
+    """Flips, 90-degree rotations, random resized crop, colour jitter, acquisition shifts.
 
     Build it with :func:`build_augmenter`. Input and output: float32
     ``[B, S, S, 3]`` in [0, 255]. It augments only when called with
@@ -356,9 +356,13 @@ class Augmenter(keras.layers.Layer):
         rot90: bool = True,
         crop_scale: Sequence[float] = (0.5, 1.0),
         color: bool = True,
+        shifts: Sequence[str] = (),
+        shift_magnitude: float = 0.5,
         seed: int | None = None,
         **kwargs,
     ):
+        from leukemia_tf.models import acquisition  # acquisition imports this module
+
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.image_size = int(image_size)
@@ -385,6 +389,17 @@ class Augmenter(keras.layers.Layer):
             )
         if self.color:
             self.stages.extend(color_layers(self.magnitude, seed=seeds[3]))
+        self.shifts = acquisition.parse_shifts(list(shifts))
+        self.shift_magnitude = float(shift_magnitude)
+        if self.shifts and self.shift_magnitude > 0:
+            self.stages.append(
+                acquisition.AcquisitionShift(
+                    self.shifts,
+                    self.shift_magnitude,
+                    seed=None if seed is None else int(seed) * 1000 + 7,
+                    name="acquisition_shift",
+                )
+            )
 
     def build(self, input_shape):
         if tuple(input_shape[1:]) != (self.image_size, self.image_size, 3):
@@ -415,6 +430,8 @@ class Augmenter(keras.layers.Layer):
             "rot90": self.rot90,
             "crop_scale": list(self.crop_scale),
             "color": self.color,
+            "shifts": list(self.shifts),
+            "shift_magnitude": self.shift_magnitude,
             "seed": self.seed,
         }
 
@@ -427,6 +444,8 @@ def build_augmenter(
     rot90: bool = True,
     crop_scale: Sequence[float] = (0.5, 1.0),
     color: bool = True,
+    shifts: Sequence[str] = (),
+    shift_magnitude: float = 0.5,
     seed: int | None = None,
 ) -> keras.layers.Layer:
     """Builds the on-device augmentation layer.
@@ -440,6 +459,9 @@ def build_augmenter(
       crop_scale: (min, max) area fraction of the random resized crop;
         (1, 1) turns it off.
       color: colour jitter (brightness, contrast, saturation, hue).
+      shifts: acquisition shifts between laboratories, applied after the
+        rest (:data:`leukemia_tf.models.acquisition.SHIFTS`); empty: none.
+      shift_magnitude: their strength in [0, 1]; 0 turns them off exactly.
       seed: integer seed for reproducible augmentation.
 
     Returns:
@@ -453,6 +475,8 @@ def build_augmenter(
         rot90=rot90,
         crop_scale=crop_scale,
         color=color,
+        shifts=shifts,
+        shift_magnitude=shift_magnitude,
         seed=seed,
         name="augmenter",
     )

@@ -101,6 +101,12 @@ class TrainConfig:
     crop_scale_min: float = _field(
         0.5, "Smallest area fraction of the random resized crop (1: no crop)."
     )
+    acquisition_shifts: str = _field(
+        "",
+        "Comma-separated augmentations that model another laboratory's acquisition "
+        "(stain, scale, blur, illumination, gamma, noise, jpeg; 'all'); empty: none.",
+    )
+    shift_magnitude: float = _field(0.5, "Strength of --acquisition_shifts in [0, 1]; 0: off.")
     mixup_alpha: float = _field(0.0, "MixUp Beta(alpha, alpha); 0: off.")
     cutmix_alpha: float = _field(0.0, "CutMix Beta(alpha, alpha); 0: off.")
 
@@ -253,6 +259,19 @@ class TrainConfig:
         check(0 <= self.drop_path_rate < 1, "drop_path_rate", "must be in [0, 1)")
         check(0 <= self.augment_magnitude <= 1, "augment_magnitude", "must be in [0, 1]")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
+        check(0 <= self.shift_magnitude <= 1, "shift_magnitude", "must be in [0, 1]")
+        from leukemia_tf.models import acquisition
+
+        try:
+            shifts = acquisition.parse_shifts(self.acquisition_shifts)
+        except ValueError as e:
+            shifts = ()
+            check(False, "acquisition_shifts", str(e))
+        check(
+            not (self.xla and "jpeg" in shifts),
+            "acquisition_shifts",
+            "'jpeg' has no XLA kernel: drop it or --xla",
+        )
         check(self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0")
         check(self.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0")
         check(0 < self.ema_momentum < 1, "ema_momentum", "must be in (0, 1)")
@@ -387,6 +406,11 @@ def check_tpu_config(config: TrainConfig, strategy_or_num_replicas=None) -> list
         raise ConfigError(
             "--precision=mixed_float16: TPUs compute in bfloat16; use --precision=mixed_bfloat16 "
             "(or auto, which picks it on a TPU)"
+        )
+    if "jpeg" in config.acquisition_shifts.split(",") or config.acquisition_shifts == "all":
+        raise ConfigError(
+            f"--acquisition_shifts={config.acquisition_shifts!r}: the 'jpeg' shift has no XLA "
+            "kernel, and a TPU compiles every step with XLA; leave 'jpeg' out on a TPU"
         )
     warnings = []
     if strategy_or_num_replicas is not None:

@@ -41,7 +41,7 @@ from absl import logging
 from leukemia_tf import rundir
 from leukemia_tf.data import build_data_lib as build_lib
 from leukemia_tf.data import pipeline
-from leukemia_tf.models import augment, classifier
+from leukemia_tf.models import acquisition, augment, classifier
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.training import config as config_lib
 from leukemia_tf.training import distribute, ema, inputs, model_factory, run_state, steps
@@ -335,6 +335,8 @@ def _build(config, strategy, precision, data: _Data, model_dir, write_dir, chief
                 config.image_size,
                 magnitude=config.augment_magnitude,
                 crop_scale=(config.crop_scale_min, 1.0),
+                shifts=acquisition.parse_shifts(config.acquisition_shifts),
+                shift_magnitude=config.shift_magnitude,
                 seed=config.seed,
             )
             if config.augment
