@@ -23,7 +23,7 @@ restricted to the classes present in the labels, the classes absent, and
 Examples::
 
   python -m leukemia_tf.evaluate --model_dir=runs/quickstart --split=test
-  python -m leukemia_tf.evaluate --model_dir=runs/pbc --images=data/external/bccd \
+  python -m leukemia_tf.evaluate --model_dir=runs/pbc --images=smears/bccd \
       --label_map=bccd_labels.yaml
 """
 

@@ -22,6 +22,14 @@ as trained (temperature 1): the model that was selected on validation. The
 temperature changes calibration figures; for a hierarchical head it can also
 change a few argmax decisions, and how many is reported.
 
+Labelled image files from outside the model's data sets (a folder of label
+folders, or a CSV file) are evaluated by :func:`evaluate_images`: they are
+read and decided as ``python -m leukemia_tf.predict`` does
+(:mod:`leukemia_tf.evaluation.external`), turned into the same
+``EvaluatedSplit`` and scored by the same sections, plus an ``external``
+section (labels, label map, dropped images, classes absent, the scores
+restricted to the classes present, what was scored at which taxonomy level).
+
 Structure: :func:`evaluate` checks its arguments once into an
 :class:`EvalOptions` and loads the model (the one check of ``model_dir``);
 :func:`_evaluate` then runs the model over the split once
@@ -60,6 +68,7 @@ from leukemia_tf.evaluation.predictions import (
     check_split,
     predict_split,
 )
+from leukemia_tf.serving import predict_lib
 
 # What callers reach through this module: the entry point and its options,
 # the split check and its error (defined in predictions), and, for the tests of
@@ -393,8 +402,8 @@ def evaluate_images(
     model_dir: str | os.PathLike,
     images: str,
     label_map: str | None = None,
-    label_column: str = external.predict_lib.DEFAULT_LABEL_COLUMN,
-    path_column: str = external.predict_lib.DEFAULT_PATH_COLUMN,
+    label_column: str = predict_lib.DEFAULT_LABEL_COLUMN,
+    path_column: str = predict_lib.DEFAULT_PATH_COLUMN,
     slide_column: str | None = None,
     patient_column: str | None = None,
     data_dir: str | None = None,

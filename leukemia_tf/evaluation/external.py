@@ -31,6 +31,7 @@ decisions as predicted.
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import json
 import os
@@ -573,8 +574,6 @@ def write_predictions(
     decision), ``probability``, ``predicted_present`` (the argmax over the
     present classes) and ``prob_<class>``.
     """
-    import csv
-
     images = predicted.images
     restricted = restricted_decisions(predicted.probs, present)
     with rundir.open_whole(path, newline="", encoding="utf-8") as f:
