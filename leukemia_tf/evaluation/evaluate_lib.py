@@ -22,6 +22,14 @@ as trained (temperature 1): the model that was selected on validation. The
 temperature changes calibration figures; for a hierarchical head it can also
 change a few argmax decisions, and how many is reported.
 
+Labelled image files from outside the model's data sets (a folder of label
+folders, or a CSV file) are evaluated by :func:`evaluate_images`: they are
+read and decided as ``python -m leukemia_tf.predict`` does
+(:mod:`leukemia_tf.evaluation.external`), turned into the same
+``EvaluatedSplit`` and scored by the same sections, plus an ``external``
+section (labels, label map, dropped images, classes absent, the scores
+restricted to the classes present, what was scored at which taxonomy level).
+
 Structure: :func:`evaluate` checks its arguments once into an
 :class:`EvalOptions` and loads the model (the one check of ``model_dir``);
 :func:`_evaluate` then runs the model over the split once
@@ -42,6 +50,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +59,7 @@ import tensorflow as tf
 from leukemia_tf import rundir
 from leukemia_tf.data import names, pipeline
 from leukemia_tf.evaluation import explain as explain_lib
-from leukemia_tf.evaluation import figure_sections, sections
+from leukemia_tf.evaluation import external, figure_sections, sections
 from leukemia_tf.evaluation import figures as figures_lib
 from leukemia_tf.evaluation import report as report_lib
 from leukemia_tf.evaluation.predictions import (
@@ -59,6 +68,7 @@ from leukemia_tf.evaluation.predictions import (
     check_split,
     predict_split,
 )
+from leukemia_tf.serving import predict_lib
 
 # What callers reach through this module: the entry point and its options,
 # the split check and its error (defined in predictions), and, for the tests of
@@ -69,6 +79,7 @@ __all__ = [
     "_explanations",
     "check_split",
     "evaluate",
+    "evaluate_images",
     "figures_lib",
 ]
 
@@ -223,7 +234,21 @@ def default_out_dir(
 
     A string: ``model_dir`` may be a URL (``gs://``), which pathlib mangles.
     """
-    name = f"eval_{figure_sections.safe_name(split)}"
+    return _out_dir(model_dir, f"eval_{figure_sections.safe_name(split)}", which, tta)
+
+
+def default_images_out_dir(
+    model_dir: str | os.PathLike, images: str, which: str = "best", tta: bool = False
+) -> str:
+    """``model_dir/eval_images_<folder name or CSV stem>`` (suffixes as :func:`default_out_dir`).
+
+    Apart from the split reports (``eval_<split>``), whose folders it does not overwrite.
+    """
+    name = external.ImageSource(images).name
+    return _out_dir(model_dir, f"eval_images_{figure_sections.safe_name(name)}", which, tta)
+
+
+def _out_dir(model_dir: str | os.PathLike, name: str, which: str, tta: bool) -> str:
     if which != "best":
         stem = rundir.basename(which)
         name += f"_{figure_sections.safe_name(stem.removesuffix('.keras'))}"
@@ -295,11 +320,21 @@ def evaluate(
         if out_dir
         else default_out_dir(trained.model_dir, options.split, options.which, options.tta)
     )
+    return _run_into(target, lambda local: _evaluate(trained, options, local, start))
+
+
+def _run_into(target: str, run: Callable[[Path], dict]) -> dict:
+    """``run(folder)`` into ``target``: directly when local, else staged and copied up.
+
+    Returns:
+      ``run``'s result, with ``out_dir``, ``metrics_path`` and ``report_path``
+      naming ``target``.
+    """
     if not rundir.is_remote(target):
-        return _evaluate(trained, options, Path(target), start)
+        return run(Path(target))
     # matplotlib and the report writer write local files: stage them, then copy up.
     with tempfile.TemporaryDirectory(prefix="leukemia_tf_eval_") as staging:
-        result = _evaluate(trained, options, Path(staging), start)
+        result = run(Path(staging))
         explanations = rundir.join(target, "explanations")
         if os.path.isdir(os.path.join(staging, "explanations")) and tf.io.gfile.isdir(explanations):
             tf.io.gfile.rmtree(explanations)  # an earlier evaluation's maps
@@ -344,6 +379,174 @@ def _evaluate(
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": sections.model_section(options, trained),
         "data": data,
+        "decisions": report_lib.decisions(trained.config.head == "hierarchical"),
+        "cell": cell,
+        "calibration": calibration,
+        "levels": levels,
+        "slide": groups["slide"],
+        "patient": groups["patient"],
+        "explanations": explanations,
+        "figures": figures,
+        "caveats": caveats,
+        "bootstrap": {
+            "n_resamples": options.bootstrap,
+            "seed": options.seed,
+            "unit": cell["ci"]["unit"],
+        },
+    }
+    return _write(result, out_dir, start)
+
+
+# ------------------------------------------------------------ image files
+def evaluate_images(
+    model_dir: str | os.PathLike,
+    images: str,
+    label_map: str | None = None,
+    label_column: str = predict_lib.DEFAULT_LABEL_COLUMN,
+    path_column: str = predict_lib.DEFAULT_PATH_COLUMN,
+    slide_column: str | None = None,
+    patient_column: str | None = None,
+    data_dir: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    explain_samples: int = DEFAULT_EXPLAIN_SAMPLES,
+    batch_size: int = 64,
+    which: str = "best",
+    fit_temperature: bool = True,
+    tta: bool = False,
+    read_threads: int = 8,
+) -> dict:
+    """Evaluates a trained model on labelled image files and writes the report.
+
+    The images are read, decoded and decided as ``python -m
+    leukemia_tf.predict`` does (:mod:`leukemia_tf.evaluation.external`), and
+    scored by the sections of a split's report, plus an ``external`` section
+    (source, labels, label map, dropped and unreadable images, the scores as
+    predicted and restricted to the classes present, what was scored at
+    which taxonomy level) and ``predictions.csv`` (one row per image).
+
+    Args:
+      model_dir: a finished training run's directory (local or ``gs://``).
+      images: a folder of label folders (``FOLDER/<label>/*.jpg``) or a CSV file.
+      label_map: JSON / YAML file ``{their label: class or node, or null}``.
+      label_column: CSV input: the label column.
+      path_column: CSV input: the image path column.
+      slide_column: CSV input: slide id column (``None``: ``slide_id`` if present).
+      patient_column: CSV input: patient id column (``None``: ``patient_id`` if present).
+      data_dir: TFDS data directory of the model's validation split (the
+        temperature fit); default: the one the model was trained with.
+      out_dir: where to write; default :func:`default_images_out_dir`.
+      bootstrap, seed, explain_samples, batch_size, which, fit_temperature,
+        tta: as for :func:`evaluate`.
+      read_threads: threads reading image files.
+
+    Returns:
+      The contents of ``metrics.json``, plus ``out_dir``, ``report_path`` and
+      ``metrics_path``.
+
+    Raises:
+      FileNotFoundError: ``model_dir`` is not a training run, or no images.
+      ValueError: an option out of range, a bad CSV, or labels that name no
+        class (:class:`external.LabelError`, naming the label, the source and
+        the classes, or the label map file).
+    """
+    start = time.time()
+    source = external.ImageSource(
+        images,
+        label_map=label_map,
+        label_column=label_column,
+        path_column=path_column,
+        slide_column=slide_column,
+        patient_column=patient_column,
+        read_threads=read_threads,
+    )
+    options = EvalOptions(
+        split=f"images:{source.name}",
+        data_dir=data_dir,
+        bootstrap=bootstrap,
+        seed=seed,
+        explain_samples=explain_samples,
+        batch_size=batch_size,
+        which=which,
+        fit_temperature=fit_temperature,
+        tta=tta,
+    )
+    # Inputs first: a wrong path fails before the model is read.
+    external.read_labelled_images(source)
+    trained = rundir.load_trained_model(model_dir, which=options.which, tta=options.tta)
+    targets = external.Targets.of(trained)
+    labelled = external.labelled_images(source, targets)
+    target = (
+        os.fspath(out_dir)
+        if out_dir
+        else default_images_out_dir(trained.model_dir, images, options.which, options.tta)
+    )
+    return _run_into(
+        target,
+        lambda local: _evaluate_images(trained, options, targets, labelled, local, start),
+    )
+
+
+def _evaluate_images(
+    trained: rundir.TrainedModel,
+    options: EvalOptions,
+    targets: external.Targets,
+    labelled: external.LabelledImages,
+    out_dir: Path,
+    start: float,
+) -> dict:
+    """:func:`evaluate_images` of the loaded model into the local folder ``out_dir``."""
+    sampler = explain_lib.ExampleSampler(
+        len(trained.class_names), options.explain_samples, seed=options.seed
+    )
+    predicted = external.predict_images(trained, labelled, targets, options.batch_size, sampler)
+    ev = external.evaluated_split(trained, predicted, sampler)
+    if not len(ev.y_true):
+        raise ValueError(
+            f"--images={labelled.source.images!r}: every label is coarser than the model's "
+            f"classes ({', '.join(trained.class_names)}), so nothing can be scored at class "
+            "level; label at least some images with a class (or a node below one)"
+        )
+    everything = (
+        ev
+        if (predicted.class_labels >= 0).all()
+        else external.evaluated_split(trained, predicted, sampler, class_level=False)
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cell = sections.cell_section(options, ev)
+    calibration, notes = sections.calibration_section(options, ev)
+    levels = sections.levels_section(everything)
+    groups = sections.group_sections(options, ev)
+    figures = figure_sections.figures_section(
+        options, ev, cell, calibration, levels, groups, out_dir
+    )
+    explanations = figure_sections.explanations_section(trained, sampler, out_dir)
+    units, _ = sections.bootstrap_units(ev.predictions)
+    restricted = external.restricted_scores(ev, units, options.bootstrap, options.seed)
+    present = sorted(int(c) for c in np.unique(ev.y_true))
+    external.write_predictions(
+        str(out_dir / external.PREDICTIONS_FILE), predicted, trained.class_names, present
+    )
+    section = external.external_section(predicted, targets, ev, cell, restricted, levels)
+    data = sections.data_section(options, ev)
+    data.update(datasets=section["source"], data_dir=None, sources=[section["source"]])
+    data.update(n_in_split=section["n_images"], n_excluded=section["n_images"] - len(ev.y_true))
+    ids = (ev.predictions.patient_id != "").any() or (ev.predictions.slide_id != "").any()
+    caveats = report_lib.caveats(
+        notes,
+        synthetic=any(s.builder_name == "leukemia_synthetic" for s in ev.specs),
+        patient_ids=True,  # the split-leakage caveat is about TFDS splits
+        cell=cell,
+        explanation_method=explanations.get("method"),
+        n_excluded=0,
+    )
+    caveats += report_lib.external_caveats(section, group_ids=bool(ids))
+    result = {
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "model": sections.model_section(options, trained),
+        "data": data,
+        "external": section,
         "decisions": report_lib.decisions(trained.config.head == "hierarchical"),
         "cell": cell,
         "calibration": calibration,

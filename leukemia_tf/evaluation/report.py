@@ -228,6 +228,57 @@ def caveats(
     return out
 
 
+def external_caveats(section: dict, group_ids: bool) -> list[str]:
+    """The caveats of an evaluation on image files (the ``external`` section).
+
+    Args:
+      section: the ``external`` section of ``metrics.json``.
+      group_ids: the images carry slide or patient ids.
+    """
+    out = [
+        "These images come from outside the model's data sets: other microscopes, stains, "
+        "magnifications and crops, and labels defined by another team (mapped onto the "
+        "model's classes"
+        + (" by the label map" if section.get("label_map") else " by name")
+        + "). Differences from the model's own test split measure that shift as much as the "
+        "model."
+    ]
+    if not group_ids:
+        out.append(
+            "No patient or slide ids for these images: confidence intervals resample images as "
+            "if independent, which makes them too narrow when several come from one patient "
+            "or smear (give a CSV with slide_id / patient_id columns)."
+        )
+    if section["classes_absent"]:
+        out.append(
+            f"{len(section['classes_absent'])} of the model's classes are absent from the "
+            "labels; the scores restricted to the classes present (argmax over those only) "
+            "show what the model does when told which classes can occur."
+        )
+    if section["n_dropped"]:
+        dropped = ", ".join(f"{k} ({v})" for k, v in section["dropped"].items())
+        out.append(
+            f"{section['n_dropped']} images are not evaluated: their labels map to null "
+            f"({dropped})."
+        )
+    if section["n_unlabelled"]:
+        out.append(f"{section['n_unlabelled']} rows without a label are not evaluated.")
+    if section["n_unreadable"]:
+        out.append(
+            f"{section['n_unreadable']} image files could not be read and are not evaluated "
+            "(listed in metrics.json)."
+        )
+    coarse = section["scored"].get("coarser_than_classes")
+    if coarse:
+        out.append(
+            f"{coarse['n']} images are labelled with taxonomy nodes coarser than the model's "
+            f"classes ({', '.join(coarse['targets'])}): they are scored at the taxonomy levels "
+            f"their label reaches only; the score that counts is the "
+            f"{section['scored']['headline']} score."
+        )
+    return out
+
+
 _HEADLINE_NAMES = {
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced accuracy (mean sensitivity)",
@@ -312,9 +363,14 @@ def render(result: dict) -> str:
     model, data, cell = result["model"], result["data"], result["cell"]
     cal, figures = result["calibration"], result["figures"]
     names = model["class_names"]
+    external = result.get("external")
     lines = [
-        f"# Evaluation report: {_basename(model['model_dir'])} on `{data['datasets']}` "
-        f"[{data['split']}]",
+        f"# Evaluation report: {_basename(model['model_dir'])} on "
+        + (
+            f"the images of `{external['source']}`"
+            if external
+            else f"`{data['datasets']}` [{data['split']}]"
+        ),
         "",
     ]
     synthetic = [c for c in result["caveats"] if c.startswith(SYNTHETIC)]
@@ -330,9 +386,15 @@ def render(result: dict) -> str:
         ["Input size", f"{model['image_size']} px"],
         ["Classes", ", ".join(names)],
         ["Labels", model["label_mode"] + (f" ({model['taxonomy']})" if model["taxonomy"] else "")],
-        ["Data sets", f"`{data['datasets']}`"],
-        ["Data directory", f"`{data['data_dir'] or 'TFDS default'}`"],
-        ["Split", f"`{data['split']}`"],
+        *(
+            [["Images", f"`{external['source']}` ({external['kind']})"]]
+            if external
+            else [
+                ["Data sets", f"`{data['datasets']}`"],
+                ["Data directory", f"`{data['data_dir'] or 'TFDS default'}`"],
+                ["Split", f"`{data['split']}`"],
+            ]
+        ),
         ["Cells evaluated", str(data["n_examples"])],
         ["Slides / patients", f"{data['n_slides']} / {data['n_patients']}"],
         ["Decisions", result["decisions"]],
@@ -340,6 +402,8 @@ def render(result: dict) -> str:
     ]
     lines += _table(["Item", "Value"], rows)
 
+    if external:
+        lines += _external_section(external)
     ci = cell["ci"]
     lines += [
         "## Headline (cell level)",
@@ -424,6 +488,11 @@ def render(result: dict) -> str:
         "## Files",
         "",
         "- `metrics.json`: every number above, plus every slide and patient",
+        *(
+            [f"- `{external['predictions_file']}`: every image's label and prediction"]
+            if external
+            else []
+        ),
         *[f"- `{path}`" for path in figures.values()],
         *[f"- `{path}`" for path in explanations.get("files", [])],
         "",
@@ -555,4 +624,90 @@ def _group_section(key: str, section: dict, names: Sequence[str], figures: dict)
     )
     if len(groups) > MAX_GROUP_ROWS:
         lines += [f"First {MAX_GROUP_ROWS} of {len(groups)} {key}s; all are in metrics.json.", ""]
+    return lines
+
+
+def _external_section(external: dict) -> list[str]:
+    """``## Images``: the labels, what they map to, and the scores as predicted and restricted."""
+    lines = ["## Images", ""]
+    map_file = external.get("label_map_file")
+    lines += [
+        f"{external['n_evaluated']} of {external['n_images']} images of "
+        f"`{external['source']}` evaluated; labels from "
+        + (
+            f"the `{external['label_column']}` column"
+            if external["kind"] == "csv"
+            else "the sub-folder names"
+        )
+        + (f", mapped by `{map_file}`" if map_file else ", matched to the model's names")
+        + ".",
+        "",
+    ]
+    rows = [
+        [
+            label,
+            str(entry["n"]),
+            entry["target"] or "*dropped (null)*",
+            entry["class"] or ("—" if entry["target"] is None else "— (taxonomy levels only)"),
+        ]
+        for label, entry in external["labels"].items()
+    ]
+    lines += _table(
+        ["Label", "Images", f"Maps to ({external['targets']})", "Class-level class"], rows
+    )
+    for key, text in (
+        ("n_dropped", "mapped to null, not evaluated"),
+        ("n_unlabelled", "without a label, not evaluated"),
+        ("n_unreadable", "unreadable, not evaluated"),
+    ):
+        if external[key]:
+            lines += [f"- {external[key]} image(s) {text}"]
+    if external["classes_absent"]:
+        lines += [
+            f"- classes of the model absent from the labels: {', '.join(external['classes_absent'])}"
+            " (no recall or F1 for them; macro averages run over the classes present)"
+        ]
+    scored = external["scored"]
+    lines += [f"- the score that counts: **{scored['headline']}**", ""]
+
+    restricted = external["restricted_to_present"]
+    as_predicted = external["as_predicted"]
+    rows = []
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        interval = restricted["ci"].get(key) or {}
+        low, high = interval.get("low"), interval.get("high")
+        rows.append(
+            [
+                _HEADLINE_NAMES[key],
+                _pct(as_predicted[key]),
+                _pct(restricted[key]),
+                f"{_pct(low)} – {_pct(high)}" if low is not None else "n/a",
+            ]
+        )
+    lines += [
+        "### As predicted and restricted to the classes present",
+        "",
+        "As predicted: the argmax over all of the model's classes (the headline below). "
+        f"Restricted: the argmax over the {len(restricted['classes'])} classes present in the "
+        f"labels only ({', '.join(restricted['classes'])}); it changes "
+        f"{restricted['n_changed']} decisions.",
+        "",
+        *_table(["Metric (class level)", "As predicted", "Restricted", "Restricted 95% CI"], rows),
+    ]
+    if "headline_scores" in scored:
+        head = scored["headline_scores"]
+        lines += [
+            f"### {scored['headline'].capitalize()}",
+            "",
+            f"Some labels are coarser than the model's classes, so the score that counts is "
+            f"the one at taxonomy level {head['level']} (greedy decisions over "
+            f"{', '.join(head['nodes'])}; {head['n']} images). The class-level sections below "
+            f"score the {scored['class_level']['n']} images whose label is a class or lies "
+            "below one.",
+            "",
+            *_table(
+                ["Metric", "Value"],
+                [[_HEADLINE_NAMES[k], _fmt(k, head[k])] for k in _HEADLINE_NAMES],
+            ),
+        ]
     return lines

@@ -51,7 +51,7 @@ GROUP_LEVELS = (("slide", "slide_id"), ("patient", "patient_id"))
 
 
 # ---------------------------------------------------------------- cell level
-def _clusters(predictions: SplitPredictions) -> tuple[np.ndarray | None, str]:
+def bootstrap_units(predictions: SplitPredictions) -> tuple[np.ndarray | None, str]:
     """Bootstrap units of the cells: patients, else slides, else the cells themselves."""
     for name, ids in (("patient", predictions.patient_id), ("slide", predictions.slide_id)):
         if (ids != "").any():
@@ -71,7 +71,7 @@ def cell_section(options: EvalOptions, ev: EvaluatedSplit) -> dict:
       The ``cell`` section; ``cell["ci"]["unit"]`` says what was resampled.
     """
     cell = metrics_lib.classification_metrics(ev.y_true, ev.y_pred, ev.probs, ev.class_names)
-    units, unit_text = _clusters(ev.predictions)
+    units, unit_text = bootstrap_units(ev.predictions)
     cell["ci"] = metrics_lib.bootstrap_ci(
         ev.y_true,
         ev.y_pred,

@@ -63,6 +63,7 @@ from leukemia_tf.serving import signatures
 DEFAULT_PATH_COLUMN = "path"
 DEFAULT_SLIDE_COLUMN = "slide_id"
 DEFAULT_PATIENT_COLUMN = "patient_id"
+DEFAULT_LABEL_COLUMN = "label"
 
 #: Files read ahead of the model, per reader thread.
 _READ_AHEAD_PER_THREAD = 4
@@ -75,6 +76,7 @@ class InputImage:
     path: str
     groups: dict[str, str] = dataclasses.field(default_factory=dict)
     error: str | None = None  # set when the input itself is unusable (e.g. an empty CSV cell)
+    label: str | None = None  # the CSV's label column, when one was asked for (evaluation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,7 @@ def read_csv_inputs(
     path_column: str = DEFAULT_PATH_COLUMN,
     slide_column: str | None = None,
     patient_column: str | None = None,
+    label_column: str | None = None,
 ) -> tuple[list[InputImage], list[str]]:
     """The images listed in a CSV file.
 
@@ -121,13 +124,16 @@ def read_csv_inputs(
         relative to the CSV's folder.
       slide_column: slide id column; ``None``: ``slide_id`` if present.
       patient_column: patient id column; ``None``: ``patient_id`` if present.
+      label_column: column of each image's label (evaluation), read into
+        ``InputImage.label``; ``None``: no labels.
 
     Returns:
       ``(images, group_columns)``: the rows in file order (a row with an
       empty path is kept with its ``error`` set), and the group columns found.
 
     Raises:
-      ValueError: the path column, or an explicitly requested group column, is missing.
+      ValueError: the path or label column, or an explicitly requested group
+        column, is missing.
     """
     csv_path = os.fspath(csv_path)
     base = os.path.dirname(os.path.abspath(csv_path))
@@ -138,6 +144,11 @@ def read_csv_inputs(
             raise ValueError(
                 f"{csv_path}: no {path_column!r} column with the image paths (columns: "
                 f"{', '.join(columns) or 'none'}); name it with --path_column"
+            )
+        if label_column is not None and label_column not in columns:
+            raise ValueError(
+                f"{csv_path}: no {label_column!r} column with the labels (columns: "
+                f"{', '.join(columns) or 'none'}); name it with --label_column"
             )
         group_columns = [
             c
@@ -156,16 +167,22 @@ def read_csv_inputs(
             row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
             raw = row.get(path_column, "")
             groups = {c: row.get(c, "") for c in group_columns}
+            label = None if label_column is None else row.get(label_column, "")
             if not raw:
                 out.append(
                     InputImage(
-                        f"{csv_path}:{line}", groups, error=f"empty {path_column!r} in line {line}"
+                        f"{csv_path}:{line}",
+                        groups,
+                        error=f"empty {path_column!r} in line {line}",
+                        label=label,
                     )
                 )
                 continue
             path = os.path.expanduser(raw)
             out.append(
-                InputImage(path if os.path.isabs(path) else os.path.join(base, path), groups)
+                InputImage(
+                    path if os.path.isabs(path) else os.path.join(base, path), groups, label=label
+                )
             )
     return out, group_columns
 
@@ -248,6 +265,75 @@ def _read_ahead(
             yield (i, *future.result())
 
 
+def decoded_batches(
+    items: Sequence[InputImage],
+    image_size: int,
+    batch_size: int,
+    read_threads: int,
+    failures: dict[int, str],
+) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
+    """The images of ``items``, read, decoded and resized, in batches in input order.
+
+    The one reading of image files for the model (``predict`` and the
+    evaluation of labelled image folders): each file is read by
+    :func:`leukemia_tf.data.images.read_image` and decoded and resized by
+    :func:`leukemia_tf.data.preprocessing.decode_and_resize`.
+
+    Args:
+      items: the images.
+      image_size: the model's input size.
+      batch_size: images per batch.
+      read_threads: threads reading (and validating) files.
+      failures: filled with ``{index: reason}`` of every image that could not
+        be read or decoded (each is also logged); complete once the iterator
+        is exhausted.
+
+    Yields:
+      ``(indices, pixels)``: int64 ``[B]`` indices into ``items`` and
+      ``uint8 [B, S, S, 3]`` pixels.
+    """
+
+    def readable() -> Iterator[tuple[int, bytes]]:
+        for index, data, error in _read_ahead(items, read_threads):
+            if error is not None:
+                failures[index] = error
+                logging.error("cannot read %s: %s", items[index].path, error)
+                continue
+            yield index, data
+
+    ds = tf.data.Dataset.from_generator(
+        readable,
+        output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)),
+    )
+    ds = ds.map(
+        lambda i, b: (i, preprocessing.decode_and_resize(b, image_size)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    # A file PIL reads but TensorFlow cannot decode is rare; it must still be
+    # reported, not kill the run: it goes missing here and is listed below.
+    ds = ds.ignore_errors(log_warning=False).batch(batch_size).prefetch(2)
+
+    def undecodable(i: int) -> None:
+        failures[i] = "TensorFlow cannot decode this image"
+        logging.error("cannot decode %s: %s", items[i].path, failures[i])
+
+    seen: set[int] = set()
+    checked = 0  # every index below this one is decoded or failed
+    for indices, pixels in ds:
+        indices = indices.numpy()
+        seen.update(int(i) for i in indices)
+        last = int(indices[-1]) + 1
+        for i in range(checked, last):
+            if i not in seen and i not in failures:
+                undecodable(i)
+        checked = last
+        yield indices, pixels
+    for i in range(checked, len(items)):
+        if i not in seen and i not in failures:
+            undecodable(i)
+
+
 def _format(value: float) -> str:
     return f"{value:.6f}"
 
@@ -311,51 +397,18 @@ def predict(
         return signatures.postprocess(outputs, label_space, temperature)
 
     failures: dict[int, str] = {}
-
-    def readable() -> Iterator[tuple[int, bytes]]:
-        for index, data, error in _read_ahead(items, read_threads):
-            if error is not None:
-                failures[index] = error
-                logging.error("cannot read %s: %s", items[index].path, error)
-                continue
-            yield index, data
-
-    ds = tf.data.Dataset.from_generator(
-        readable,
-        output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)),
-    )
-    ds = ds.map(
-        lambda i, b: (i, preprocessing.decode_and_resize(b, image_size)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    # A file PIL reads but TensorFlow cannot decode is rare; it must still be
-    # reported, not kill the run: it goes missing here and is listed below.
-    ds = ds.ignore_errors(log_warning=False).batch(batch_size).prefetch(2)
-
     progress = keras.utils.Progbar(
         len(items), verbose=verbose, unit_name="image", stateful_metrics=["failed"]
     )
     done: dict[int, dict[str, np.ndarray]] = {}
-    last_index = -1
-    for indices, pixels in ds:
+    for indices, pixels in decoded_batches(items, image_size, batch_size, read_threads, failures):
         outputs = {k: v.numpy() for k, v in predict_batch(pixels).items()}
-        indices = indices.numpy()
         for row, index in enumerate(indices):
             done[int(index)] = {k: v[row] for k, v in outputs.items()}
-        last_index = int(indices[-1])
-        missing = [i for i in range(last_index + 1) if i not in done and i not in failures]
-        for i in missing:
-            failures[i] = "TensorFlow cannot decode this image"
-            logging.error("cannot decode %s: %s", items[i].path, failures[i])
         if verbose:
             progress.update(
                 len(done) + len(failures), values=[("failed", len(failures))], finalize=False
             )
-    for i in range(len(items)):
-        if i not in done and i not in failures:
-            failures[i] = "TensorFlow cannot decode this image"
-            logging.error("cannot decode %s: %s", items[i].path, failures[i])
     if verbose:
         progress.update(len(items), values=[("failed", len(failures))], finalize=True)
 
