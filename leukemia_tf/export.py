@@ -11,6 +11,9 @@ Example::
   python -m leukemia_tf.export --model_dir=runs/quickstart --export_dir=/srv/models/leukemia
   tensorflow_model_server --port=8500 --rest_api_port=8501 \
       --model_name=leukemia --model_base_path=/srv/models/leukemia
+  # For another lab: BatchNorm statistics re-estimated on its (unlabelled) images.
+  python -m leukemia_tf.export --model_dir=runs/quickstart --export_dir=/srv/models/lab2 \
+      --adapt_bn=lab2_smears/
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ _WARMUP_IMAGES = flags.DEFINE_string(
     "Glob or folder of real images for the warmup requests; default: a few images of the "
     "model's validation split when its data are at hand (generated images are always added).",
 )
+_ADAPT_BN = flags.DEFINE_string(
+    "adapt_bn",
+    "",
+    "AdaBN: a folder, glob or CSV of unlabelled target-domain images (another lab's smears); "
+    "export a copy whose BatchNorm statistics are re-estimated on them, recorded as "
+    "'adapted_batchnorm' in assets/export.json. The run directory is not changed. Empty: off.",
+)
 _WARMUP = flags.DEFINE_bool(
     "warmup", True, "Write assets.extra/tf_serving_warmup_requests (needs tensorflow-serving-api)."
 )
@@ -76,6 +86,7 @@ def main(argv: Sequence[str]) -> None:
             warmup_images=_WARMUP_IMAGES.value,
             write_warmup=_WARMUP.value,
             verify=_VERIFY.value,
+            adapt_bn=_ADAPT_BN.value,
         )
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         # Bad input: the message names the file or flag; no traceback needed.
@@ -86,8 +97,19 @@ def main(argv: Sequence[str]) -> None:
         if result.max_abs_difference is not None
         else "not verified (--noverify)"
     )
+    adapted = result.adapted_batchnorm
+    if adapted is None:
+        adaptation = ""
+    elif adapted["adapted"]:
+        adaptation = (
+            f"  AdaBN: an ADAPTED copy, BatchNorm statistics of {adapted['layers']} layer(s) "
+            f"re-estimated on {adapted['count']} image(s) of {adapted['images']}\n"
+        )
+    else:
+        adaptation = f"  --adapt_bn: {adapted['note']}\n"
     print(
         f"\nExported version {result.version} to {result.path}\n"
+        f"{adaptation}"
         f"  temperature {result.temperature:g}, {result.warmup_records} warmup requests, {check}\n"
         f"  signatures: {', '.join(result.signatures)}\n"
         "Inspect:\n"

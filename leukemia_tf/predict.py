@@ -17,6 +17,8 @@ Examples::
   python -m leukemia_tf.predict --model_dir=runs/quickstart --images='smears/**/*.jpg'
   python -m leukemia_tf.predict --model_dir=runs/quickstart --images=cells.csv \
       --slide_column=slide_id --output=out/predictions.csv
+  # Another lab's smears: BatchNorm statistics re-estimated on them first (AdaBN).
+  python -m leukemia_tf.predict --model_dir=runs/quickstart --images=lab2/ --adapt_bn=inputs
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ _TTA = flags.DEFINE_bool(
     False,
     "Test-time augmentation: average the logits over the 8 rotations and mirrorings of each "
     "image (8x the inference time). The export serves the single view.",
+)
+_ADAPT_BN = flags.DEFINE_string(
+    "adapt_bn",
+    "",
+    "AdaBN: re-estimate the BatchNorm statistics on unlabelled target-domain images before "
+    "predicting (images from another lab: other stain, camera, focus). '' (off), 'inputs' "
+    "(the very images being predicted, transductively) or a folder, glob or CSV of target "
+    "images. Predicts with an adapted copy; the run directory is not changed. "
+    "<stem>_adaptation.json records it. No effect on a model without BatchNorm.",
 )
 _PATH_COLUMN = flags.DEFINE_string("path_column", "path", "CSV input: the column of image paths.")
 _SLIDE_COLUMN = flags.DEFINE_string(
@@ -98,6 +109,7 @@ def main(argv: Sequence[str]) -> int:
             read_threads=_READ_THREADS.value,
             verbose=_VERBOSE.value,
             tta=_TTA.value,
+            adapt_bn=_ADAPT_BN.value,
         )
     except (FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e)) from e

@@ -705,3 +705,67 @@ def test_signature_checks_size_from_the_header_of_every_format():
     limit = preprocessing.too_large_reason(tf.constant([images.MAX_IMAGE_PIXELS, 1], tf.int64))
     assert limit.numpy() == b""
     np.testing.assert_array_equal(preprocessing.header_size(b"not an image"), [0, 0])
+
+
+# -------------------------------------------------------------------- AdaBN
+def _tree_digest(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+def test_adapt_bn_exports_an_adapted_copy_recorded_as_such(tmp_path, trained_flat_model_dir):
+    from leukemia_tf.models import adapt
+
+    run_before = _tree_digest(trained_flat_model_dir)
+    target = tmp_path / "lab2"
+    target.mkdir()
+    images = _test_images()
+    for i, (data, ext) in enumerate(zip(images, ("jpg", "jpg", "png", "bmp", "gif"), strict=True)):
+        (target / f"cell{i}.{ext}").write_bytes(data)
+    (target / "broken.png").write_bytes(b"not an image")  # left out, logged
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leukemia_tf.export",
+            f"--model_dir={trained_flat_model_dir}",
+            f"--export_dir={tmp_path / 'export'}",
+            f"--adapt_bn={target}",
+            "--nowarmup",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "AdaBN: an ADAPTED copy" in run.stdout and "on 5 image(s)" in run.stdout
+    path = tmp_path / "export" / "1"
+    record = json.loads((path / "assets" / "export.json").read_text())["adapted_batchnorm"]
+    trained = rundir.load_trained_model(trained_flat_model_dir)
+    n_bn = len(adapt.batchnorm_layers(trained.model))
+    assert record["images"] == str(target) and record["date"]
+    assert (record["count"], record["layers"], record["failed"]) == (5, n_bn, 1)
+
+    # The served probabilities are the adapted model's, not the trained one's.
+    served = (
+        tf.saved_model.load(str(path))
+        .signatures["serving_default"](image_bytes=tf.constant(images))["probabilities"]
+        .numpy()
+    )
+    adapted = adapt.adapt_from_files(trained.model, str(target), trained.image_size).model
+    pixels = np.stack([preprocessing.decode_and_resize(b, 32).numpy() for b in images])
+    expected = trained.label_space.probabilities(adapted(pixels, training=False)).numpy()
+    np.testing.assert_allclose(served, expected, atol=TOLERANCE)
+    plain = _keras_expected(trained_flat_model_dir, images)["probabilities"]
+    assert not np.allclose(served, plain, atol=1e-4)
+
+    # A plain export says it is not adapted; 'inputs' means nothing to an export.
+    quick = dict(write_warmup=False, verify=False)
+    result = export_lib.export_model(trained_flat_model_dir, tmp_path / "export", **quick)
+    assert result.adapted_batchnorm is None
+    meta = json.loads(Path(result.path, "assets", "export.json").read_text())
+    assert "adapted_batchnorm" in meta and meta["adapted_batchnorm"] is None
+    with pytest.raises(ValueError, match="--adapt_bn=inputs: an export has no inputs"):
+        export_lib.export_model(trained_flat_model_dir, tmp_path / "x", adapt_bn="inputs", **quick)
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        export_lib.export_model(trained_flat_model_dir, tmp_path / "x", adapt_bn="/nope", **quick)
+    assert _tree_digest(trained_flat_model_dir) == run_before

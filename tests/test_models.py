@@ -169,6 +169,47 @@ def test_drop_path_rate_is_applied_per_family():
     assert max(_drop_rates(cnn)) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("name", ["cnn_tiny_gn", "cnn_small_gn", "cnn_medium_gn"])
+def test_groupnorm_cnn_variants_have_no_batchnorm(name):
+    from leukemia_tf.models import cnn
+    from leukemia_tf.models.registry import set_bn_momentum
+    from leukemia_tf.training import ema
+
+    model = build_backbone(name, image_size=SIZE, bn_momentum=0.5)  # a no-op here, not an error
+    reference = build_backbone(name.removesuffix("_gn"), image_size=SIZE)
+    layers = list(iter_layers(model))
+    assert model.name == name and get_backbone_spec(name).family == "cnn"
+    assert not [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.GroupNormalization)]
+    bns = [
+        layer
+        for layer in iter_layers(reference)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    # Same architecture, one GroupNorm per BatchNorm, same convolutions.
+    assert len(norms) == len(bns)
+    assert [w.shape for w in model.weights if "conv" in w.path] == [
+        w.shape for w in reference.weights if "conv" in w.path
+    ]
+    for layer in norms:
+        channels = layer.gamma.shape[0]
+        assert layer.groups == min(32, channels // 4) and channels % layer.groups == 0
+        assert layer.epsilon == 1e-5
+        # Every residual branch starts as the identity; the other norms start at 1.
+        expected = 0.0 if layer.name.endswith("_2_gn") else 1.0
+        assert np.all(layer.gamma.numpy() == expected), layer.name
+    assert set_bn_momentum(model, 0.9) == 0
+    assert ema.batchnorm_pairs(model) == []
+    x = _pixels(batch=3)
+    train = model(x, training=True).numpy()
+    assert train.shape == (3, reference.output_shape[-1])
+    # No batch statistics: training and inference agree, and an image's
+    # features do not depend on the other images of its batch.
+    np.testing.assert_allclose(model(x, training=False).numpy(), train, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model(x[:1], training=True).numpy(), train[:1], rtol=1e-5, atol=1e-5)
+    assert cnn.gn_groups(48) == 12 and cnn.gn_groups(512) == 32
+
+
 # ---------------------------------------------------------------- classifier
 
 

@@ -272,3 +272,75 @@ def test_cut_short_and_too_large_images_are_listed_with_their_reason(
     summary = predict_lib.summary(result)
     assert "FAILED: 3 image(s) could not be read" in summary
     assert str(folder / "huge.jpg") in summary
+
+
+def _tree_digest(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+def test_adapt_bn_predicts_with_an_adapted_copy(trained_flat_model_dir, image_folder, tmp_path):
+    from leukemia_tf.models import adapt
+
+    run_before = _tree_digest(trained_flat_model_dir)
+    good = sorted(str(image_folder / name) for name in GOOD)
+    trained = rundir.load_trained_model(trained_flat_model_dir)
+
+    def read(paths) -> np.ndarray:
+        return np.stack(
+            [
+                preprocessing.decode_and_resize(images_lib.read_image(p)[0], 32).numpy()
+                for p in paths
+            ]
+        )
+
+    def expected(target_paths) -> np.ndarray:
+        """The inputs' probabilities from the model adapted on ``target_paths``."""
+        model = adapt.adapt_batchnorm(trained.model, read(target_paths)).model
+        return trained.label_space.probabilities(model(read(good), training=False)).numpy()
+
+    def got(path) -> np.ndarray:
+        rows = _read_csv(path)
+        assert [r["file"] for r in rows] == good
+        return np.array([[float(r[f"prob_{c}"]) for c in trained.class_names] for r in rows])
+
+    # Transductive: the statistics of the six readable inputs (the three bad ones left out).
+    output = tmp_path / "inputs" / "predictions.csv"
+    result = predict_lib.predict(
+        trained_flat_model_dir, str(image_folder), output, verbose=0, adapt_bn="inputs"
+    )
+    n_bn = len(adapt.batchnorm_layers(trained.model))
+    assert (result.num_predicted, result.num_failed) == (6, 3)
+    assert result.adaptation["count"] == 6 and result.adaptation["layers"] == n_bn
+    assert result.adaptation["images"] == f"inputs ({image_folder})"
+    record = rundir.read_json(result.adaptation_file)["adapted_batchnorm"]
+    assert record["count"] == 6 and record["date"]
+    assert result.adaptation_file == str(output.parent / "predictions_adaptation.json")
+    assert "from an ADAPTED copy of the model" in predict_lib.summary(result)
+    adapted = got(output)
+    np.testing.assert_allclose(adapted, expected(good), atol=2e-6)
+    plain, _ = _expected_probabilities(trained_flat_model_dir, good)
+    assert not np.allclose(adapted, plain, atol=1e-4)
+
+    # A folder of target images: two of them, copied elsewhere.
+    target = tmp_path / "lab2"
+    target.mkdir()
+    for name in ("a.png", "f.jpg"):
+        (target / name).write_bytes((image_folder / name).read_bytes())
+    result = predict_lib.predict(
+        trained_flat_model_dir, str(image_folder), output, verbose=0, adapt_bn=str(target)
+    )
+    assert result.adaptation["count"] == 2 and result.adaptation["images"] == str(target)
+    np.testing.assert_allclose(
+        got(output), expected([str(target / "a.png"), str(target / "f.jpg")]), atol=2e-6
+    )
+
+    # Off again: the record of the earlier adapted run goes with it.
+    result = predict_lib.predict(trained_flat_model_dir, str(image_folder), output, verbose=0)
+    assert result.adaptation is None and result.adaptation_file is None
+    assert not (output.parent / "predictions_adaptation.json").exists()
+    assert "ADAPTED" not in predict_lib.summary(result)
+    np.testing.assert_allclose(got(output), plain, atol=2e-6)
+
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        predict_lib.predict(trained_flat_model_dir, str(image_folder), output, adapt_bn="/nope")
+    assert _tree_digest(trained_flat_model_dir) == run_before

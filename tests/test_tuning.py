@@ -65,7 +65,10 @@ def test_train_flag_fixes_and_search_flag_searches():
     space = search_space.check_search(search, base)
     lr = next(p for p in space if p.name == "learning_rate")
     assert (lr.kind, lr.values, lr.log) == ("range", (1e-4, 1e-2), True)
-    assert _values(space)["backbone"] == ("choice", ("cnn_medium", "cnn_small", "cnn_tiny"))
+    assert _values(space)["backbone"] == (
+        "choice",
+        ("cnn_medium", "cnn_medium_gn", "cnn_small", "cnn_small_gn", "cnn_tiny", "cnn_tiny_gn"),
+    )
     assert _values(space)["head"] == ("fixed", ("flat",))  # auto with native labels
 
     with pytest.raises(ConfigError, match="--learning_rate=0.001 fixes .* give one of them"):

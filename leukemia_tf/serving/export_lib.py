@@ -9,7 +9,8 @@ Layout (TF Serving's: one integer folder per version under the base path)::
       assets/labels.txt                  class names, one per line (class_ids index it)
       assets/taxonomy.yaml               the label tree (models trained on the taxonomy)
       assets/config.json                 the training configuration
-      assets/export.json                 what was exported: source, temperature, signatures
+      assets/export.json                 what was exported: source, temperature, signatures,
+                                         adapted_batchnorm (AdaBN, when --adapt_bn was given)
       assets.extra/tf_serving_warmup_requests
 
 The graph is always float32: ``rundir.load_trained_model(float32=True)``
@@ -17,6 +18,12 @@ rebuilds the model under the float32 policy, also for a model trained in
 ``mixed_float16`` / ``mixed_bfloat16``, so a CPU server (or a GPU without
 bf16) serves it at full precision. Signatures: see
 :mod:`leukemia_tf.serving.signatures`.
+
+With ``adapt_bn`` (AdaBN, :mod:`leukemia_tf.models.adapt`), the export is a
+copy of the model whose BatchNorm statistics were re-estimated on unlabelled
+target-domain images (another lab's smears), recorded as such in
+``assets/export.json`` under ``adapted_batchnorm``: ``{images, count, layers,
+date, ...}`` (``null`` for a plain export). The run directory is not changed.
 
 A version is written to a hidden temporary folder and renamed into place only
 when complete, so a TF Serving instance that polls ``export_dir`` never loads
@@ -68,6 +75,7 @@ class ExportResult:
     signatures: dict[str, list[str]]  # name -> output keys
     warmup_records: int
     max_abs_difference: float | None  # export vs Keras model on the warmup images
+    adapted_batchnorm: dict | None = None  # the AdaBN record of export.json, if adapted
 
 
 def existing_versions(export_dir: str | os.PathLike) -> list[int]:
@@ -149,6 +157,8 @@ def export_model(
     warmup_images: str | Sequence[str] | None = None,
     write_warmup: bool = True,
     verify: bool = True,
+    adapt_bn: str | None = None,
+    adapt_batch_size: int = 64,
 ) -> ExportResult:
     """Exports ``model_dir``'s model to ``export_dir/<version>/``.
 
@@ -166,7 +176,12 @@ def export_model(
         at hand, else generated images only.
       write_warmup: write ``assets.extra/tf_serving_warmup_requests``.
       verify: reload the export and check it reproduces the Keras model's
-        probabilities on the warmup images.
+        probabilities on the warmup images (the adapted model's, with ``adapt_bn``).
+      adapt_bn: a folder, glob or CSV of unlabelled target-domain images:
+        export a copy whose BatchNorm statistics are re-estimated on them
+        (AdaBN; the images are read as ``leukemia_tf.predict`` reads them),
+        recorded in ``assets/export.json``. None or ``""``: the model as trained.
+      adapt_batch_size: images per forward pass of the adaptation.
 
     Returns:
       An :class:`ExportResult`.
@@ -196,8 +211,32 @@ def export_model(
         rundir.check_calibration(model_dir)
     if write_warmup:
         warmup.check_available()  # fail before the slow part
+    adapt_bn = (adapt_bn or "").strip()
+    if adapt_bn:
+        from leukemia_tf.serving import predict_lib
+
+        if adapt_bn == predict_lib.ADAPT_INPUTS:
+            raise ValueError(
+                f"--adapt_bn={adapt_bn}: an export has no inputs to adapt on; give a folder, "
+                "glob or CSV of target-domain images"
+            )
+        adapt_paths = [i.path for i in predict_lib.collect_inputs(adapt_bn)[0] if not i.error]
 
     trained = rundir.load_trained_model(model_dir, which=which, float32=True)
+    adapted_batchnorm = None
+    if adapt_bn:
+        from leukemia_tf.models import adapt
+
+        adaptation = adapt.adapt_from_files(
+            trained.model,
+            adapt_paths,
+            trained.image_size,
+            batch_size=adapt_batch_size,
+            source=adapt_bn,
+        )
+        adapted_batchnorm = adaptation.metadata()
+        # Everything below (the graph, the verification) uses the adapted copy.
+        trained = dataclasses.replace(trained, model=adaptation.model)
     temperature = trained.temperature if apply_temperature else 1.0
     # Real images for the warmup requests and the check of the reloaded export.
     if warmup_images:
@@ -226,6 +265,7 @@ def export_model(
         "taxonomy_levels": [list(level) for level in trained.taxonomy.levels]
         if trained.taxonomy is not None and trained.config.head == "hierarchical"
         else None,
+        "adapted_batchnorm": adapted_batchnorm,
         "temperature": temperature,
         "temperature_applied": bool(apply_temperature),
         "stored_temperature": trained.temperature,
@@ -286,4 +326,5 @@ def export_model(
         signatures={name: output_keys for name in signatures.SIGNATURES},
         warmup_records=records,
         max_abs_difference=difference,
+        adapted_batchnorm=adapted_batchnorm,
     )

@@ -65,6 +65,9 @@ DEFAULT_SLIDE_COLUMN = "slide_id"
 DEFAULT_PATIENT_COLUMN = "patient_id"
 DEFAULT_LABEL_COLUMN = "label"
 
+#: ``--adapt_bn`` value: adapt the BatchNorm statistics on the images being predicted.
+ADAPT_INPUTS = "inputs"
+
 #: Files read ahead of the model, per reader thread.
 _READ_AHEAD_PER_THREAD = 4
 
@@ -90,6 +93,9 @@ class PredictResult:
     num_predicted: int
     num_failed: int
     failures: list[tuple[str, str]]  # (path, reason)
+    #: ``--adapt_bn``: what was adapted (:meth:`AdaptResult.metadata`), else None.
+    adaptation: dict | None = None
+    adaptation_file: str | None = None
 
 
 # ------------------------------------------------------------------- inputs
@@ -334,6 +340,32 @@ def decoded_batches(
             undecodable(i)
 
 
+def read_pixels(
+    items: Sequence[InputImage], image_size: int, *, read_threads: int = 8, batch_size: int = 64
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The images of ``items`` read, decoded and resized exactly as :func:`predict` does.
+
+    Args:
+      items: the images (:func:`collect_inputs`).
+      image_size: the side S of the model's input.
+      read_threads: threads reading files.
+      batch_size: images decoded per step.
+
+    Returns:
+      ``(pixels, failures)``: uint8 ``[N, S, S, 3]`` of the readable images in
+      input order, and ``(path, reason)`` of the others.
+    """
+    failures: dict[int, str] = {}
+    chunks = [
+        pixels.numpy()
+        for _, pixels in decoded_batches(items, image_size, batch_size, read_threads, failures)
+    ]
+    pixels = (
+        np.concatenate(chunks) if chunks else np.zeros((0, image_size, image_size, 3), np.uint8)
+    )
+    return pixels, [(items[i].path, failures[i]) for i in sorted(failures)]
+
+
 def _format(value: float) -> str:
     return f"{value:.6f}"
 
@@ -352,6 +384,7 @@ def predict(
     read_threads: int = 8,
     verbose: int = 1,
     tta: bool = False,
+    adapt_bn: str = "",
 ) -> PredictResult:
     """Predicts every image of ``images`` and writes the CSV files.
 
@@ -371,6 +404,12 @@ def predict(
       patient_column: CSV input: patient id column (``None``: ``patient_id`` if present).
       read_threads: threads reading (and validating) files.
       verbose: 1 shows a progress bar on stdout, 0 is quiet.
+      adapt_bn: AdaBN (:mod:`leukemia_tf.models.adapt`): ``""`` (off),
+        ``"inputs"`` (re-estimate the BatchNorm statistics on the very images
+        being predicted, transductively) or a folder, glob or CSV of
+        unlabelled target-domain images (read as the inputs are). The
+        predictions then come from an adapted copy of the model (the run
+        directory is not touched); ``<stem>_adaptation.json`` records it.
 
     Returns:
       A :class:`PredictResult` (``num_failed`` files are listed in ``errors_file``).
@@ -383,10 +422,30 @@ def predict(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch_size={batch_size!r}: must be a positive integer")
     items, group_columns = collect_inputs(images, path_column, slide_column, patient_column)
+    adapt_bn = (adapt_bn or "").strip()
+    if adapt_bn == ADAPT_INPUTS:
+        adapt_paths, adapt_source = [i.path for i in items if not i.error], f"inputs ({images})"
+    elif adapt_bn:
+        found, _ = collect_inputs(adapt_bn, path_column)  # fail before loading the model
+        adapt_paths, adapt_source = [i.path for i in found if not i.error], adapt_bn
     model_dir = rundir.check_model_dir(model_dir)
     if apply_temperature:
         rundir.check_calibration(model_dir)
     trained = rundir.load_trained_model(model_dir, which=which, float32=True, tta=tta)
+    adaptation = None
+    if adapt_bn:
+        from leukemia_tf.models import adapt
+
+        adapted = adapt.adapt_from_files(
+            trained.model,
+            adapt_paths,
+            trained.image_size,
+            batch_size=batch_size,
+            read_threads=read_threads,
+            source=adapt_source,
+        )
+        adaptation = adapted.metadata()
+        trained = dataclasses.replace(trained, model=adapted.model)
     temperature = trained.temperature if apply_temperature else 1.0
     label_space = trained.label_space
     image_size = trained.image_size
@@ -426,6 +485,14 @@ def predict(
         path = f"{stem}_{name}.csv"
         if _write_groups(path, column, items, done, failures, label_space.class_names):
             group_files[column] = path
+    adaptation_file = f"{stem}_adaptation.json"
+    if adaptation is not None:
+        rundir.write_json(adaptation_file, {"adapted_batchnorm": adaptation})
+    else:
+        # A record left by an earlier adapted run must not describe these predictions.
+        if os.path.exists(adaptation_file):
+            os.remove(adaptation_file)
+        adaptation_file = None
     failed = sorted(failures)
     return PredictResult(
         output=output,
@@ -435,6 +502,8 @@ def predict(
         num_predicted=len(done),
         num_failed=len(failed),
         failures=[(items[i].path, failures[i]) for i in failed],
+        adaptation=adaptation,
+        adaptation_file=adaptation_file,
     )
 
 
@@ -544,6 +613,16 @@ def summary(result: PredictResult) -> str:
     ]
     for column, path in result.group_files.items():
         lines.append(f"  per {column}: {path}")
+    if result.adaptation is not None:
+        a = result.adaptation
+        if a["adapted"]:
+            lines.append(
+                f"  from an ADAPTED copy of the model: BatchNorm statistics of {a['layers']} "
+                f"layer(s) re-estimated on {a['count']} image(s) of {a['images']} (AdaBN; "
+                f"recorded in {result.adaptation_file})"
+            )
+        else:
+            lines.append(f"  --adapt_bn: {a['note']}")
     if result.num_failed:
         lines.append(
             f"FAILED: {result.num_failed} image(s) could not be read, listed in {result.errors_file}:"
