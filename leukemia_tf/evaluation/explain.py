@@ -18,7 +18,14 @@
 
 Both give a ``[N, S, S]`` map in [0, 1] per image (bilinear upsampling of
 the feature or patch grid). A backbone that is neither is reported as
-unsupported; explanations never stop an evaluation.
+unsupported; explanations never stop an evaluation. A classifier with an
+``EraseMarks`` first layer is explained on the erased images it classifies.
+
+Burned-in marks: :class:`ExampleSampler` also counts, per true class, the
+offered images with a detected mark (:mod:`leukemia_tf.data.marks`) and how
+many of them were classified correctly, so that a shortcut on scale bars
+shows as an accuracy gap; :func:`heat_on_marks` measures the share of a
+map's heat on the marks and on the border band.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from leukemia_tf.data import marks as marks_lib
 from leukemia_tf.models import classifier as classifier_lib
 from leukemia_tf.models.label_space import LabelSpace
 
@@ -61,6 +69,43 @@ def _normalise(maps: tf.Tensor, image_size: int) -> np.ndarray:
     peak = tf.reduce_max(maps, axis=[1, 2], keepdims=True)
     maps = tf.math.divide_no_nan(maps, peak)
     return maps.numpy().clip(0.0, 1.0)
+
+
+def _model_pixels(images, erase) -> tf.Tensor:
+    """float32 ``images`` as the backbone sees them (marks erased where the model erases them)."""
+    pixels = tf.cast(images, tf.float32)
+    return erase(pixels) if erase is not None else pixels
+
+
+#: Pixels by which detected marks are grown before measuring heat on them
+#: (as much as ``EraseMarks`` grows them before filling).
+MARK_DILATION = 2
+
+#: Width of the border band of :func:`heat_on_marks`, as a fraction of each side.
+BORDER_FRACTION = 0.1
+
+
+def mark_masks(images: np.ndarray) -> np.ndarray:
+    """bool ``[N, H, W]``: detected burned-in marks of ``images``, grown by :data:`MARK_DILATION`."""
+    masks = marks_lib.detect_marks(tf.cast(images, tf.float32))
+    return marks_lib._dilate(masks, MARK_DILATION).numpy()[..., 0] > 0
+
+
+def heat_on_marks(images: np.ndarray, heat: np.ndarray) -> dict[str, np.ndarray]:
+    """Share of each map's heat on the images' marks and on the border band.
+
+    Args:
+      images: ``[N, S, S, 3]`` the explained images (as given to the model).
+      heat: ``[N, S, S]`` their maps.
+
+    Returns:
+      :func:`leukemia_tf.data.marks.heat_fractions` (``on_marks``,
+      ``on_border``, ``mark_area``) plus ``has_mark`` (bool ``[N]``).
+    """
+    masks = mark_masks(images)
+    out = marks_lib.heat_fractions(heat, masks, BORDER_FRACTION)
+    out["has_mark"] = masks.any(axis=(1, 2))
+    return out
 
 
 @dataclasses.dataclass
@@ -99,10 +144,11 @@ class GradCam:
         self._features = keras.Model(backbone.input, [feature_map, backbone.output])
         self._head = self.model.get_layer("head")
         self._image_size = int(self.model.input.shape[1])
+        self._erase = classifier_lib.get_erase_marks(self.model)
 
     def __call__(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """Heat maps ``[N, S, S]`` in [0, 1] of ``classes`` for uint8/float ``images``."""
-        pixels = tf.cast(images, tf.float32)
+        pixels = _model_pixels(images, self._erase)
         classes = tf.constant(np.asarray(classes, np.int32))
         with tf.GradientTape() as tape:
             feature_map, features = self._features(pixels, training=False)
@@ -154,6 +200,7 @@ class AttentionRollout:
         self.grid = (size // patch, size // patch)
         self._image_size = size
         self._checked = False
+        self._erase = classifier_lib.get_erase_marks(self.model)
 
     def _blocks(self, x: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         encoder = self._encoder
@@ -168,7 +215,7 @@ class AttentionRollout:
 
     def __call__(self, images: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
         """Rollout maps ``[N, S, S]`` in [0, 1] (class-agnostic: ``classes`` is ignored)."""
-        pixels = tf.cast(images, tf.float32)
+        pixels = _model_pixels(images, self._erase)
         pre = self._pre(pixels, training=False)
         tokens, scores = self._blocks(self._embed(pre))
         if not self._checked:
@@ -228,7 +275,11 @@ class ExampleSampler:
       seed: NumPy seed.
     """
 
-    def __init__(self, num_classes: int, per_cell: int, seed: int = 0):
+    def __init__(self, num_classes: int, per_cell: int, seed: int = 0, count_marks: bool = True):
+        self.count_marks = bool(count_marks)
+        #: ``[class, has mark, correct]``: offered images per true class, with or
+        #: without a detected mark, classified wrongly or correctly.
+        self.mark_counts = np.zeros((num_classes, 2, 2), np.int64)
         self.per_cell = max(int(per_cell), 0)
         self._rng = np.random.default_rng(seed)
         self._seen = np.zeros((num_classes, 2), np.int64)
@@ -244,7 +295,12 @@ class ExampleSampler:
         probs: np.ndarray,
         file_names: np.ndarray,
     ) -> None:
-        """Considers every example of one batch."""
+        """Considers every example of one batch (and counts its marks)."""
+        if self.count_marks and len(y_true):
+            found = marks_lib.has_mark(marks_lib.detect_marks(tf.cast(images, tf.float32)))
+            found = found.numpy().astype(np.int64)
+            correct = (np.asarray(y_pred) == np.asarray(y_true)).astype(np.int64)
+            np.add.at(self.mark_counts, (np.asarray(y_true, np.int64), found, correct), 1)
         if self.per_cell == 0:
             return
         for i in range(len(y_true)):

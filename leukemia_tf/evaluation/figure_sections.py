@@ -22,6 +22,7 @@ from leukemia_tf import rundir
 from leukemia_tf.evaluation import explain as explain_lib
 from leukemia_tf.evaluation import figures as figures_lib
 from leukemia_tf.evaluation import report as report_lib
+from leukemia_tf.evaluation import sections as sections_lib
 from leukemia_tf.evaluation.predictions import EvaluatedSplit
 
 if TYPE_CHECKING:
@@ -126,14 +127,18 @@ def explanations_section(
 
     Returns:
       The ``explanations`` section: ``method``, ``files`` (relative to
-      ``out_dir``), ``note`` and, with a method, ``layer``, ``grid``, ``what``.
+      ``out_dir``), ``note``, ``marks`` (:func:`sections.marks_section`: the
+      evaluated images with a burned-in mark, per class) and, with a method,
+      ``layer``, ``grid``, ``what``, ``heat`` (:func:`sections.heat_section`)
+      and ``caveats`` (a sentence per class whose heat lies on its marks).
     """
+    marks = sections_lib.marks_section(sampler.mark_counts, trained.class_names)
     if sampler.per_cell == 0:
-        return {"method": None, "note": report_lib.EXPLANATIONS_OFF, "files": []}
+        return {"method": None, "note": report_lib.EXPLANATIONS_OFF, "files": [], "marks": marks}
     try:
         explainer = explain_lib.make_explainer(trained.model, trained.label_space)
     except Exception as e:  # noqa: BLE001  (unsupported backbone: report, never stop)
-        return {"method": None, "note": report_lib.no_explainer(e), "files": []}
+        return {"method": None, "note": report_lib.no_explainer(e), "files": [], "marks": marks}
     method = explain_lib.method_name(explainer)
     section = {
         "method": method,
@@ -141,6 +146,7 @@ def explanations_section(
         "grid": list(explainer.grid),
         "files": [],
         "note": "",
+        "marks": marks,
     }
     if min(explainer.grid) <= 2:
         section["note"] = report_lib.coarse_explanations(explainer.grid, trained.image_size)
@@ -151,6 +157,7 @@ def explanations_section(
     for stale in folder.glob("*.png"):  # from an earlier evaluation into the same folder
         stale.unlink()
     names = trained.class_names
+    heat: dict[str, dict[str, list]] = {}
     try:
         for c, name in enumerate(names):
             rows = {"correct": sampler.kept[(c, True)], "wrong": sampler.kept[(c, False)]}
@@ -162,6 +169,10 @@ def explanations_section(
                     images = np.stack([item["image"] for item in items])
                     preds = np.array([item["pred"] for item in items])
                     maps[label] = list(explainer(images, preds))
+                    fractions = explain_lib.heat_on_marks(images, np.stack(maps[label]))
+                    cell = heat.setdefault(name, {key: [] for key in fractions})
+                    for key, values in fractions.items():
+                        cell[key] += list(values)
                 else:
                     maps[label] = []
             path = folder / f"{safe_name(method.lower())}_{c:02d}_{safe_name(name)}.png"
@@ -176,4 +187,10 @@ def explanations_section(
     except Exception as e:  # noqa: BLE001  (an explanation must never stop an evaluation)
         logging.exception("explanations failed")
         section["note"] = report_lib.explanations_stopped(section["note"], e)
+    section["heat"] = sections_lib.heat_section(heat, names)
+    section["caveats"] = [
+        report_lib.heat_on_marks_caveat(row)
+        for row in section["heat"]["per_class"]
+        if row["name"] in section["heat"]["shortcut_classes"]
+    ]
     return section

@@ -161,6 +161,67 @@ def explanations_stopped(note: str, error: Exception) -> str:
     return (note + "; " if note else "") + f"explanations stopped: {type(error).__name__}: {error}"
 
 
+def heat_on_marks_caveat(row: dict) -> str:
+    """A caveat for a class whose explanation heat lies on burned-in marks (``heat`` row)."""
+    return (
+        f"Explanations of {row['name']}: {_pct(row['heat_on_marks'])} of the heat lies on "
+        f"burned-in marks (scale bars, text) that cover {_pct(row['mark_area'])} of the image "
+        f"({row['n_with_mark']} of {row['n_explained']} explained images carry one): the model "
+        "may read the mark instead of the cell (a shortcut). Retrain with --erase_marks or "
+        "--augment_marks and compare."
+    )
+
+
+def _marks_lines(explanations: dict) -> list[str]:
+    """The report's tables of burned-in marks: evaluated images with one, and heat on them."""
+    lines = []
+    marks = explanations.get("marks")
+    if marks and marks["all"]["n"]:
+        lines += [
+            "Burned-in marks (scale bars, text) detected in the evaluated images, and the "
+            "accuracy with and without one (a gap hints at a shortcut):",
+            "",
+        ]
+        lines += _table(
+            ["Class", "Images", "With mark", "Accuracy with mark", "Accuracy without"],
+            [
+                [
+                    row["name"],
+                    str(row["n"]),
+                    f"{row['n_with_mark']} ({_pct(row['share_with_mark'])})",
+                    _pct(row["accuracy_with_mark"]),
+                    _pct(row["accuracy_without_mark"]),
+                ]
+                for row in marks["per_class"] + [marks["all"]]
+            ],
+        )
+        lines.append("")
+    heat = explanations.get("heat")
+    if heat and heat["per_class"]:
+        band = _pct(heat["border_fraction"])
+        lines += [
+            f"Share of the explanation heat on detected marks and on the border band (outer "
+            f"{band} of each side), mean over the explained images:",
+            "",
+        ]
+        lines += _table(
+            ["Class", "Explained", "With mark", "Heat on marks", "Mark area", "Heat on border"],
+            [
+                [
+                    row["name"],
+                    str(row["n_explained"]),
+                    str(row["n_with_mark"]),
+                    _pct(row["heat_on_marks"]),
+                    _pct(row["mark_area"]),
+                    _pct(row["heat_on_border"]),
+                ]
+                for row in heat["per_class"]
+            ],
+        )
+        lines.append("")
+    return lines
+
+
 def caveats(
     notes: Sequence[str],
     *,
@@ -480,10 +541,12 @@ def render(result: dict) -> str:
         ]
     if explanations.get("note"):
         lines += [f"Note: {explanations['note']}", ""]
+    lines += _marks_lines(explanations)
     for path in explanations.get("files", []):
         lines += [f"![{Path(path).stem}]({path})", ""]
 
-    lines += ["## Caveats", ""] + [f"- {c}" for c in result["caveats"]] + [""]
+    all_caveats = list(explanations.get("caveats", [])) + list(result["caveats"])
+    lines += ["## Caveats", ""] + [f"- {c}" for c in all_caveats] + [""]
     lines += [
         "## Files",
         "",

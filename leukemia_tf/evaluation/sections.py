@@ -12,7 +12,11 @@ its part of ``metrics.json``:
 * :func:`levels_section`: scores per taxonomy level;
 * :func:`group_sections`: slide and patient level (mean probability and
   majority vote) wherever the split carries those ids;
-* :func:`model_section`, :func:`data_section`: what was evaluated.
+* :func:`model_section`, :func:`data_section`: what was evaluated;
+* :func:`marks_section`: per class, the evaluated images with a detected
+  burned-in mark and the accuracy with and without one (a shortcut shows as
+  a gap); reported inside the ``explanations`` section, with
+  :func:`heat_section`, the share of the explanation heat on marks and border.
 
 The drawn sections (figures, explanations) are in
 :mod:`leukemia_tf.evaluation.figure_sections`; the order in which sections
@@ -373,4 +377,85 @@ def data_section(options: EvalOptions, ev: EvaluatedSplit) -> dict:
         "n_patients": int(len(set(predictions.patient_id[predictions.patient_id != ""]))),
         "n_slides": int(len(set(predictions.slide_id[predictions.slide_id != ""]))),
         "sources": sorted(set(predictions.source.tolist())),
+    }
+
+
+def _ratio(num, den):
+    return float(num) / float(den) if den else None
+
+
+def marks_section(mark_counts: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Evaluated images with a detected burned-in mark, and accuracy with / without one.
+
+    Args:
+      mark_counts: ``[C, 2, 2]`` counts by true class, has mark, correct
+        (``ExampleSampler.mark_counts``).
+      class_names: the ``C`` class names.
+
+    Returns:
+      ``per_class``: ``name``, ``n``, ``n_with_mark``, ``share_with_mark``,
+      ``accuracy_with_mark``, ``accuracy_without_mark`` (None where no image);
+      and the same over all classes in ``all``.
+    """
+    counts = np.asarray(mark_counts, np.int64)
+
+    def row(name, c):
+        with_mark, without = c[1], c[0]
+        n = int(c.sum())
+        return {
+            "name": name,
+            "n": n,
+            "n_with_mark": int(with_mark.sum()),
+            "share_with_mark": _ratio(with_mark.sum(), n),
+            "accuracy_with_mark": _ratio(with_mark[1], with_mark.sum()),
+            "accuracy_without_mark": _ratio(without[1], without.sum()),
+        }
+
+    return {
+        "per_class": [row(name, counts[i]) for i, name in enumerate(class_names)],
+        "all": row("all", counts.sum(axis=0)),
+    }
+
+
+#: A class's heat on marks above this multiple of the marks' area gets a caveat.
+MARK_HEAT_RATIO = 2.0
+
+
+def heat_section(per_class: dict[str, dict[str, list]], class_names: Sequence[str]) -> dict:
+    """Share of the explanation heat on detected marks and on the border band, per class.
+
+    Args:
+      per_class: class name -> lists ``on_marks``, ``on_border``, ``mark_area``,
+        ``has_mark`` over its explained images (``explain.heat_on_marks``).
+      class_names: the classes, in order.
+
+    Returns:
+      ``per_class`` rows (``name``, ``n_explained``, ``n_with_mark``,
+      ``heat_on_marks``, ``heat_on_border``, ``mark_area``: means over the
+      explained images), ``heat_on_marks`` / ``heat_on_border`` (class ->
+      mean) and ``shortcut_classes``: the classes whose heat on marks exceeds
+      :data:`MARK_HEAT_RATIO` times the marks' share of the image area.
+    """
+    rows, shortcut = [], []
+    for name in class_names:
+        values = per_class.get(name)
+        if not values or not values["on_marks"]:
+            continue
+        row = {
+            "name": name,
+            "n_explained": len(values["on_marks"]),
+            "n_with_mark": int(np.sum(values["has_mark"])),
+            "heat_on_marks": float(np.mean(values["on_marks"])),
+            "heat_on_border": float(np.mean(values["on_border"])),
+            "mark_area": float(np.mean(values["mark_area"])),
+        }
+        rows.append(row)
+        if row["n_with_mark"] and row["heat_on_marks"] > MARK_HEAT_RATIO * row["mark_area"]:
+            shortcut.append(name)
+    return {
+        "per_class": rows,
+        "heat_on_marks": {row["name"]: row["heat_on_marks"] for row in rows},
+        "heat_on_border": {row["name"]: row["heat_on_border"] for row in rows},
+        "border_fraction": 0.1,
+        "shortcut_classes": shortcut,
     }

@@ -4,7 +4,10 @@ A Keras functional model, so it saves to ``.keras``, reloads without code
 beyond this package (the custom layers are registered serializable), and runs
 under any ``tf.distribute`` strategy. Augmentation is *not* inside it: the
 training step applies :func:`leukemia_tf.models.build_augmenter` before the
-model, so evaluation, inference and export see the plain model.
+model, so evaluation, inference and export see the plain model. The one
+exception is ``erase_marks``: :class:`~leukemia_tf.models.mark_augment.EraseMarks`
+as the first layer, so every use of the model (training, evaluation,
+prediction, the SavedModel) erases burned-in marks the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import keras
 
 from leukemia_tf.models.heads import FlatHead, HierarchicalHead
+from leukemia_tf.models.mark_augment import EraseMarks
 from leukemia_tf.models.registry import build_backbone, get_backbone_spec
 from leukemia_tf.taxonomy import Taxonomy
 
@@ -19,6 +23,9 @@ HEADS = ("flat", "hierarchical")
 
 #: Name of the classifier's input.
 INPUT_NAME = "pixels"
+
+#: Name of the :class:`EraseMarks` layer of a classifier built with ``erase_marks``.
+ERASE_MARKS_NAME = "erase_marks"
 
 
 def build_classifier(
@@ -33,6 +40,7 @@ def build_classifier(
     hidden_units: int = 0,
     bn_momentum: float | None = None,
     drop_path_rate: float = 0.0,
+    erase_marks: bool = False,
     name: str | None = None,
 ) -> keras.Model:
     """Builds a classifier.
@@ -49,6 +57,8 @@ def build_classifier(
       hidden_units: width of an optional hidden layer in the head; 0 = none.
       bn_momentum: BatchNorm momentum override for the backbone.
       drop_path_rate: stochastic depth of the backbone.
+      erase_marks: put an :class:`EraseMarks` layer (burned-in scale bars and
+        text filled with the background) before the backbone.
       name: model name; default ``"<backbone>_<head>"``.
 
     Returns:
@@ -83,7 +93,8 @@ def build_classifier(
     # float32 input: the backbone normalises in float32 before any cast to the
     # compute dtype, and a uint8 batch is cast by the functional model.
     pixels = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
-    features = features_model(pixels)
+    x = EraseMarks(name=ERASE_MARKS_NAME)(pixels) if erase_marks else pixels
+    features = features_model(x)
     outputs = head_layer(features)
     if head == "flat":
         outputs = {"logits": outputs}
@@ -99,6 +110,14 @@ def get_backbone(model: keras.Model) -> keras.Model:
             f"backbone model, found {[layer.name for layer in nested]}"
         )
     return nested[0]
+
+
+def get_erase_marks(model: keras.Model) -> keras.layers.Layer | None:
+    """The classifier's :class:`EraseMarks` layer, or None when it has none."""
+    for layer in model.layers:
+        if isinstance(layer, EraseMarks):
+            return layer
+    return None
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:

@@ -91,6 +91,11 @@ class TrainConfig:
         "backbone's own.",
     )
     drop_path_rate: float = _field(0.0, "Stochastic depth rate where the backbone supports it.")
+    erase_marks: bool = _field(
+        False,
+        "Erase burned-in marks (scale bars, text) inside the model, as its first layer: "
+        "training, evaluation, prediction and the export all see them filled with background.",
+    )
 
     # --------------------------------------------------------- augmentation
     augment: bool = _field(True, "Augment training images on the accelerator.")
@@ -109,6 +114,11 @@ class TrainConfig:
     shift_magnitude: float = _field(0.5, "Strength of --acquisition_shifts in [0, 1]; 0: off.")
     mixup_alpha: float = _field(0.0, "MixUp Beta(alpha, alpha); 0: off.")
     cutmix_alpha: float = _field(0.0, "CutMix Beta(alpha, alpha); 0: off.")
+    augment_marks: bool = _field(
+        False,
+        "Draw random synthetic marks (label boxes, scale bars, red text) at a corner of half "
+        "the training images, labels unchanged, so the model learns to ignore marks.",
+    )
 
     # ------------------------------------------------------------- training
     epochs: int = _field(10, "Number of epochs (including the frozen-backbone epochs).")

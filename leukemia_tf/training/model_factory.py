@@ -38,4 +38,5 @@ def build_model(
         hidden_units=config.hidden_units,
         bn_momentum=config.bn_momentum or None,
         drop_path_rate=config.drop_path_rate,
+        erase_marks=config.erase_marks,
     )
