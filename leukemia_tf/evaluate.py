@@ -117,6 +117,14 @@ _IMAGE_FLAGS = (
     _PATIENT_COLUMN,
     _READ_THREADS,
 )
+_ADAPT_BN = flags.DEFINE_string(
+    "adapt_bn",
+    "",
+    "Test-time adaptation (AdaBN): evaluate a copy of the model whose BatchNorm statistics are "
+    "re-estimated on unlabelled target images: 'inputs' (the --images themselves, labels unused) "
+    "or a folder/CSV of target images; empty: off. The run directory is not modified; the "
+    "report goes to a folder ending in _adabn and records the adaptation.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap and of the explained examples.")
 
 
@@ -169,6 +177,7 @@ def main(argv: Sequence[str]) -> None:
         batch_size=_BATCH_SIZE.value,
         which=_WHICH.value,
         tta=_TTA.value,
+        adapt_bn=_ADAPT_BN.value.strip(),
     )
     try:
         if images is None:

@@ -238,23 +238,66 @@ def default_out_dir(
 
 
 def default_images_out_dir(
-    model_dir: str | os.PathLike, images: str, which: str = "best", tta: bool = False
+    model_dir: str | os.PathLike,
+    images: str,
+    which: str = "best",
+    tta: bool = False,
+    adapted: bool = False,
 ) -> str:
     """``model_dir/eval_images_<folder name or CSV stem>`` (suffixes as :func:`default_out_dir`).
 
     Apart from the split reports (``eval_<split>``), whose folders it does not overwrite.
     """
     name = external.ImageSource(images).name
-    return _out_dir(model_dir, f"eval_images_{figure_sections.safe_name(name)}", which, tta)
+    return _out_dir(
+        model_dir, f"eval_images_{figure_sections.safe_name(name)}", which, tta, adapted
+    )
 
 
-def _out_dir(model_dir: str | os.PathLike, name: str, which: str, tta: bool) -> str:
+def _out_dir(
+    model_dir: str | os.PathLike, name: str, which: str, tta: bool, adapted: bool = False
+) -> str:
     if which != "best":
         stem = rundir.basename(which)
         name += f"_{figure_sections.safe_name(stem.removesuffix('.keras'))}"
     if tta:
         name += "_tta"
+    if adapted:
+        name += "_adabn"
     return rundir.join(model_dir, name)
+
+
+def _adapt(
+    trained: rundir.TrainedModel, adapt_bn: str, inputs: list[str] | None, options: EvalOptions
+) -> tuple[rundir.TrainedModel, dict | None]:
+    """AdaBN (:mod:`leukemia_tf.models.adapt`): an adapted copy of the model, and its record.
+
+    ``adapt_bn``: ``""`` (off), ``"inputs"`` (the evaluated image files
+    themselves, without their labels) or a folder, glob or CSV of unlabelled
+    target images.
+    """
+    if not adapt_bn:
+        return trained, None
+    from leukemia_tf.models import adapt
+
+    if adapt_bn == ADAPT_INPUTS:
+        if inputs is None:
+            raise ValueError(
+                f"--adapt_bn={ADAPT_INPUTS}: a split is evaluated from TFDS, not from image "
+                "files; give a folder or CSV of target images (or evaluate --images)"
+            )
+        images, source = inputs, "inputs (the evaluated images, without their labels)"
+    else:
+        images, source = adapt_bn, adapt_bn
+    adapted = adapt.adapt_from_files(
+        trained.model, images, trained.image_size, batch_size=options.batch_size, source=source
+    )
+    record = adapted.metadata()
+    return dataclasses.replace(trained, model=adapted.model), record
+
+
+#: ``--adapt_bn`` value: adapt on the evaluated images themselves.
+ADAPT_INPUTS = "inputs"
 
 
 def evaluate(
@@ -269,6 +312,7 @@ def evaluate(
     which: str = "best",
     fit_temperature: bool = True,
     tta: bool = False,
+    adapt_bn: str = "",
 ) -> dict:
     """Evaluates a trained model on one split and writes the report.
 
@@ -315,12 +359,23 @@ def evaluate(
     )
     # The one check of model_dir on the way through evaluation (check_model_dir, local or gs://).
     trained = rundir.load_trained_model(model_dir, which=options.which, tta=options.tta)
+    trained, adaptation = _adapt(trained, adapt_bn, None, options)
+    if adaptation is not None:
+        # The run's temperature belongs to the trained model: never refit or
+        # overwrite it from an adapted copy.
+        options = dataclasses.replace(options, fit_temperature=False)
     target = (
         os.fspath(out_dir)
         if out_dir
-        else default_out_dir(trained.model_dir, options.split, options.which, options.tta)
+        else _out_dir(
+            trained.model_dir,
+            f"eval_{figure_sections.safe_name(options.split)}",
+            options.which,
+            options.tta,
+            adaptation is not None,
+        )
     )
-    return _run_into(target, lambda local: _evaluate(trained, options, local, start))
+    return _run_into(target, lambda local: _evaluate(trained, options, local, start, adaptation))
 
 
 def _run_into(target: str, run: Callable[[Path], dict]) -> dict:
@@ -348,7 +403,11 @@ def _run_into(target: str, run: Callable[[Path], dict]) -> dict:
 
 
 def _evaluate(
-    trained: rundir.TrainedModel, options: EvalOptions, out_dir: Path, start: float
+    trained: rundir.TrainedModel,
+    options: EvalOptions,
+    out_dir: Path,
+    start: float,
+    adaptation: dict | None = None,
 ) -> dict:
     """:func:`evaluate` of the loaded model into the local folder ``out_dir``.
 
@@ -375,9 +434,10 @@ def _evaluate(
         explanation_method=explanations.get("method"),
         n_excluded=data["n_excluded"],
     )
+    caveats = explanations.get("caveats", []) + caveats
     result = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "model": sections.model_section(options, trained),
+        "model": {**sections.model_section(options, trained), "adapted_batchnorm": adaptation},
         "data": data,
         "decisions": report_lib.decisions(trained.config.head == "hierarchical"),
         "cell": cell,
@@ -416,6 +476,7 @@ def evaluate_images(
     fit_temperature: bool = True,
     tta: bool = False,
     read_threads: int = 8,
+    adapt_bn: str = "",
 ) -> dict:
     """Evaluates a trained model on labelled image files and writes the report.
 
@@ -477,14 +538,22 @@ def evaluate_images(
     trained = rundir.load_trained_model(model_dir, which=options.which, tta=options.tta)
     targets = external.Targets.of(trained)
     labelled = external.labelled_images(source, targets)
+    inputs = [item.path for item in labelled.items]
+    trained, adaptation = _adapt(trained, adapt_bn, inputs, options)
+    if adaptation is not None:
+        options = dataclasses.replace(options, fit_temperature=False)  # as in evaluate()
     target = (
         os.fspath(out_dir)
         if out_dir
-        else default_images_out_dir(trained.model_dir, images, options.which, options.tta)
+        else default_images_out_dir(
+            trained.model_dir, images, options.which, options.tta, adaptation is not None
+        )
     )
     return _run_into(
         target,
-        lambda local: _evaluate_images(trained, options, targets, labelled, local, start),
+        lambda local: _evaluate_images(
+            trained, options, targets, labelled, local, start, adaptation
+        ),
     )
 
 
@@ -495,6 +564,7 @@ def _evaluate_images(
     labelled: external.LabelledImages,
     out_dir: Path,
     start: float,
+    adaptation: dict | None = None,
 ) -> dict:
     """:func:`evaluate_images` of the loaded model into the local folder ``out_dir``."""
     sampler = explain_lib.ExampleSampler(
@@ -542,9 +612,10 @@ def _evaluate_images(
         n_excluded=0,
     )
     caveats += report_lib.external_caveats(section, group_ids=bool(ids))
+    caveats = explanations.get("caveats", []) + caveats
     result = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "model": sections.model_section(options, trained),
+        "model": {**sections.model_section(options, trained), "adapted_batchnorm": adaptation},
         "data": data,
         "external": section,
         "decisions": report_lib.decisions(trained.config.head == "hierarchical"),

@@ -358,10 +358,12 @@ class Augmenter(keras.layers.Layer):
         color: bool = True,
         shifts: Sequence[str] = (),
         shift_magnitude: float = 0.5,
+        marks: bool = False,
         seed: int | None = None,
         **kwargs,
     ):
-        from leukemia_tf.models import acquisition  # acquisition imports this module
+        # Both import this module.
+        from leukemia_tf.models import acquisition, mark_augment
 
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
@@ -374,6 +376,14 @@ class Augmenter(keras.layers.Layer):
         self.seed = seed
         seeds = _sub_seeds(seed, 4)
         self.stages: list[keras.layers.Layer] = []
+        self.marks = bool(marks)
+        if self.marks:
+            # First, so that the symmetries and the crop move and scale the drawn marks too.
+            self.stages.append(
+                mark_augment.build_mark_augmenter(
+                    self.image_size, seed=None if seed is None else int(seed) * 1000 + 8
+                )
+            )
         if self.rot90:
             # Rotations, plus mirror images if flips are on: one layer.
             self.stages.append(RandomRot90(with_flips=self.flips, seed=seeds[1], name="rot90"))
@@ -432,6 +442,7 @@ class Augmenter(keras.layers.Layer):
             "color": self.color,
             "shifts": list(self.shifts),
             "shift_magnitude": self.shift_magnitude,
+            "marks": self.marks,
             "seed": self.seed,
         }
 
@@ -446,6 +457,7 @@ def build_augmenter(
     color: bool = True,
     shifts: Sequence[str] = (),
     shift_magnitude: float = 0.5,
+    marks: bool = False,
     seed: int | None = None,
 ) -> keras.layers.Layer:
     """Builds the on-device augmentation layer.
@@ -462,6 +474,8 @@ def build_augmenter(
       shifts: acquisition shifts between laboratories, applied after the
         rest (:data:`leukemia_tf.models.acquisition.SHIFTS`); empty: none.
       shift_magnitude: their strength in [0, 1]; 0 turns them off exactly.
+      marks: first draw random burned-in marks (scale bars, text) on half of
+        the images (:mod:`leukemia_tf.models.mark_augment`).
       seed: integer seed for reproducible augmentation.
 
     Returns:
@@ -477,6 +491,7 @@ def build_augmenter(
         color=color,
         shifts=shifts,
         shift_magnitude=shift_magnitude,
+        marks=marks,
         seed=seed,
         name="augmenter",
     )

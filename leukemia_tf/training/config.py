@@ -270,6 +270,11 @@ class TrainConfig:
         check(0 <= self.augment_magnitude <= 1, "augment_magnitude", "must be in [0, 1]")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
         check(0 <= self.shift_magnitude <= 1, "shift_magnitude", "must be in [0, 1]")
+        check(
+            self.augment or not self.augment_marks,
+            "augment_marks",
+            "draws marks as part of the augmentation: it needs --augment",
+        )
         from leukemia_tf.models import acquisition
 
         try:
