@@ -304,3 +304,56 @@ def test_command_line(trained_flat_model_dir, labelled_folder, tmp_path):
     assert "6 of 8 images (2 dropped, 0 unreadable)" in run.stdout
     assert "restricted to the 2 classes present" in run.stdout
     assert f"Report: {model_dir / 'eval_images_smears' / 'report.md'}" in run.stdout
+
+
+def test_adapt_bn_evaluates_an_adapted_copy_like_predict(
+    trained_flat_model_dir, labelled_folder, tmp_path
+):
+    from leukemia_tf.evaluation import evaluate_lib
+
+    model_dir = _copy(trained_flat_model_dir, tmp_path)
+    label_map = _write_map(tmp_path / "map.json", LABEL_MAP)
+    calibration = (
+        (model_dir / "calibration.json").read_bytes()
+        if (model_dir / "calibration.json").exists()
+        else None
+    )
+    result = evaluate_lib.evaluate_images(
+        model_dir,
+        str(labelled_folder),
+        label_map=str(label_map),
+        bootstrap=0,
+        explain_samples=0,
+        adapt_bn="inputs",
+    )
+    out_dir = model_dir / "eval_images_smears_adabn"
+    assert Path(result["report_path"]) == out_dir / "report.md"
+    record = json.loads((out_dir / "metrics.json").read_text())["model"]["adapted_batchnorm"]
+    assert record["adapted"] and record["count"] == 6 and record["layers"] > 0
+    # The run's temperature is the trained model's: an adapted copy never rewrites it.
+    after = (
+        (model_dir / "calibration.json").read_bytes()
+        if (model_dir / "calibration.json").exists()
+        else None
+    )
+    assert after == calibration
+    # predict adapting on the same six images decides the same way, image by image.
+    kept = tmp_path / "kept"
+    for row in _read_csv(out_dir / external.PREDICTIONS_FILE):
+        target = kept / Path(row["file"]).parent.name / Path(row["file"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(row["file"], target)
+    output = tmp_path / "predict" / "predictions.csv"
+    predict_lib.predict(model_dir, str(kept), output, verbose=0, adapt_bn="inputs")
+    def key(path):
+        return Path(path).parent.name, Path(path).name
+
+    predicted = {key(r["file"]): r for r in _read_csv(output)}
+    evaluated = _read_csv(out_dir / external.PREDICTIONS_FILE)
+    assert len(predicted) == len(evaluated) == 6
+    for row in evaluated:
+        other = predicted[key(row["file"])]
+        assert row["predicted_class"] == other["predicted_class"]
+        assert float(row["probability"]) == pytest.approx(float(other["probability"]), abs=1e-5)
+    with pytest.raises(ValueError, match="--adapt_bn=inputs: a split"):
+        evaluate_lib.evaluate(model_dir, split="test", adapt_bn="inputs")
