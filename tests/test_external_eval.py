@@ -345,6 +345,7 @@ def test_adapt_bn_evaluates_an_adapted_copy_like_predict(
         shutil.copy(row["file"], target)
     output = tmp_path / "predict" / "predictions.csv"
     predict_lib.predict(model_dir, str(kept), output, verbose=0, adapt_bn="inputs")
+
     def key(path):
         return Path(path).parent.name, Path(path).name
 

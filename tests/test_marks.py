@@ -147,9 +147,16 @@ def test_classifier_with_erase_marks_saves_and_loads(tmp_path):
 
 
 def test_export_of_a_model_trained_with_erase_marks(tmp_path, train_tiny_model):
+    """One tiny run through every new training option: marks erased in the model and drawn by
+    the augmenter, and every acquisition shift; then the export serves what Keras computes."""
+    from leukemia_tf import rundir
     from leukemia_tf.serving import export_lib
 
-    model_dir = train_tiny_model(tmp_path / "run", erase_marks=True)
+    model_dir = train_tiny_model(
+        tmp_path / "run", erase_marks=True, augment_marks=True, acquisition_shifts="all"
+    )
+    config = rundir.read_config(model_dir)
+    assert config.augment_marks and config.erase_marks and config.acquisition_shifts == "all"
     result = export_lib.export_model(model_dir, tmp_path / "export")
     assert result.version == 1 and result.max_abs_difference < 1e-4
 
