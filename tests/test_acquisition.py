@@ -229,3 +229,15 @@ def test_augmenter_carries_the_shifts_and_compiles_with_xla():
     step = tf.function(lambda x: layer(x, training=True), jit_compile=True)
     out = step(_images(2)).numpy()
     assert out.shape == (2, SIZE, SIZE, 3) and np.isfinite(out).all()
+
+
+def test_shift_probability_leaves_the_other_images_untouched():
+    images = _images(32, seed=4)
+    layer = acquisition.AcquisitionShift(["gamma", "noise"], 1.0, probability=0.5, seed=3)
+    out = layer(images, training=True).numpy()
+    untouched = np.all(out == images.numpy(), axis=(1, 2, 3))
+    assert 6 <= untouched.sum() <= 26  # about half, each image drawn on its own
+    never = acquisition.AcquisitionShift(["gamma"], 1.0, probability=0.0, seed=3)
+    np.testing.assert_array_equal(never(images, training=True), images)
+    with pytest.raises(ValueError, match="probability"):
+        acquisition.AcquisitionShift(["gamma"], 1.0, probability=1.5)

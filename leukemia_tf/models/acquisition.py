@@ -269,6 +269,9 @@ class AcquisitionShift(keras.layers.Layer):
     Args:
       shifts: names from :data:`SHIFTS` (any order; applied in that order).
       magnitude: strength in [0, 1] (:func:`shift_factors`); 0: identity.
+      probability: the share of images that are shifted (each image drawn
+        independently); the others pass unchanged, so the model keeps seeing
+        its own laboratory's images as they are.
       seed: integer seed of the layer's random stream.
 
     Input and output: float32 ``[B, S, S, 3]`` in [0, 255]; the identity
@@ -279,11 +282,15 @@ class AcquisitionShift(keras.layers.Layer):
         self,
         shifts: Sequence[str] = SHIFTS,
         magnitude: float = 0.5,
+        probability: float = 1.0,
         seed: int | None = None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        if not 0.0 <= float(probability) <= 1.0:
+            raise ValueError(f"shift probability must be in [0, 1], got {probability}")
+        self.probability = float(probability)
         self.shifts = parse_shifts(list(shifts))
         self.factors = shift_factors(magnitude)
         self.magnitude = float(magnitude)
@@ -294,10 +301,11 @@ class AcquisitionShift(keras.layers.Layer):
         return keras.random.uniform(shape, -bound, bound, seed=self.seed_generator)
 
     def call(self, images, training=None):
-        if not training or self.magnitude == 0.0 or not self.shifts:
+        if not training or self.magnitude == 0.0 or not self.shifts or self.probability == 0.0:
             return images
         dtype = images.dtype
         images = tf.cast(images, tf.float32)
+        original = images
         f = self.factors
         batch = tf.shape(images)[0]
         side = float(images.shape[1])
@@ -341,6 +349,9 @@ class AcquisitionShift(keras.layers.Layer):
                 )
                 apply = keras.random.uniform((batch,), seed=self.seed_generator) < 0.5
                 images = jpeg(images, tf.cast(quality, tf.int32), apply)
+        if self.probability < 1.0:
+            chosen = keras.random.uniform((batch,), seed=self.seed_generator) < self.probability
+            images = tf.where(chosen[:, None, None, None], images, original)
         return tf.cast(images, dtype)
 
     def compute_output_shape(self, input_shape):
@@ -351,5 +362,6 @@ class AcquisitionShift(keras.layers.Layer):
             **super().get_config(),
             "shifts": list(self.shifts),
             "magnitude": self.magnitude,
+            "probability": self.probability,
             "seed": self.seed,
         }

@@ -358,6 +358,7 @@ class Augmenter(keras.layers.Layer):
         color: bool = True,
         shifts: Sequence[str] = (),
         shift_magnitude: float = 0.5,
+        shift_probability: float = 1.0,
         marks: bool = False,
         seed: int | None = None,
         **kwargs,
@@ -401,11 +402,13 @@ class Augmenter(keras.layers.Layer):
             self.stages.extend(color_layers(self.magnitude, seed=seeds[3]))
         self.shifts = acquisition.parse_shifts(list(shifts))
         self.shift_magnitude = float(shift_magnitude)
-        if self.shifts and self.shift_magnitude > 0:
+        self.shift_probability = float(shift_probability)
+        if self.shifts and self.shift_magnitude > 0 and self.shift_probability > 0:
             self.stages.append(
                 acquisition.AcquisitionShift(
                     self.shifts,
                     self.shift_magnitude,
+                    self.shift_probability,
                     seed=None if seed is None else int(seed) * 1000 + 7,
                     name="acquisition_shift",
                 )
@@ -442,6 +445,7 @@ class Augmenter(keras.layers.Layer):
             "color": self.color,
             "shifts": list(self.shifts),
             "shift_magnitude": self.shift_magnitude,
+            "shift_probability": self.shift_probability,
             "marks": self.marks,
             "seed": self.seed,
         }
@@ -457,6 +461,7 @@ def build_augmenter(
     color: bool = True,
     shifts: Sequence[str] = (),
     shift_magnitude: float = 0.5,
+    shift_probability: float = 1.0,
     marks: bool = False,
     seed: int | None = None,
 ) -> keras.layers.Layer:
@@ -474,6 +479,7 @@ def build_augmenter(
       shifts: acquisition shifts between laboratories, applied after the
         rest (:data:`leukemia_tf.models.acquisition.SHIFTS`); empty: none.
       shift_magnitude: their strength in [0, 1]; 0 turns them off exactly.
+      shift_probability: the share of images they are applied to.
       marks: first draw random burned-in marks (scale bars, text) on half of
         the images (:mod:`leukemia_tf.models.mark_augment`).
       seed: integer seed for reproducible augmentation.
@@ -491,6 +497,7 @@ def build_augmenter(
         color=color,
         shifts=shifts,
         shift_magnitude=shift_magnitude,
+        shift_probability=shift_probability,
         marks=marks,
         seed=seed,
         name="augmenter",

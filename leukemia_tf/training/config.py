@@ -112,6 +112,11 @@ class TrainConfig:
         "(stain, scale, blur, illumination, gamma, noise, jpeg; 'all'); empty: none.",
     )
     shift_magnitude: float = _field(0.5, "Strength of --acquisition_shifts in [0, 1]; 0: off.")
+    shift_probability: float = _field(
+        1.0,
+        "Share of the training images --acquisition_shifts are applied to (each drawn "
+        "independently); the others are seen as they are.",
+    )
     mixup_alpha: float = _field(0.0, "MixUp Beta(alpha, alpha); 0: off.")
     cutmix_alpha: float = _field(0.0, "CutMix Beta(alpha, alpha); 0: off.")
     augment_marks: bool = _field(
@@ -270,6 +275,7 @@ class TrainConfig:
         check(0 <= self.augment_magnitude <= 1, "augment_magnitude", "must be in [0, 1]")
         check(0 < self.crop_scale_min <= 1, "crop_scale_min", "must be in (0, 1]")
         check(0 <= self.shift_magnitude <= 1, "shift_magnitude", "must be in [0, 1]")
+        check(0 <= self.shift_probability <= 1, "shift_probability", "must be in [0, 1]")
         check(
             self.augment or not self.augment_marks,
             "augment_marks",

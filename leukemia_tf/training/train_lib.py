@@ -337,6 +337,7 @@ def _build(config, strategy, precision, data: _Data, model_dir, write_dir, chief
                 crop_scale=(config.crop_scale_min, 1.0),
                 shifts=acquisition.parse_shifts(config.acquisition_shifts),
                 shift_magnitude=config.shift_magnitude,
+                shift_probability=config.shift_probability,
                 marks=config.augment_marks,
                 seed=config.seed,
             )
