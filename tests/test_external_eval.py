@@ -358,3 +358,13 @@ def test_adapt_bn_evaluates_an_adapted_copy_like_predict(
         assert float(row["probability"]) == pytest.approx(float(other["probability"]), abs=1e-5)
     with pytest.raises(ValueError, match="--adapt_bn=inputs: a split"):
         evaluate_lib.evaluate(model_dir, split="test", adapt_bn="inputs")
+
+
+def test_shipped_bccd_label_map_names_taxonomy_nodes():
+    from leukemia_tf.taxonomy import Taxonomy
+
+    mapping = external.read_label_map(
+        Path(__file__).resolve().parents[1] / "configs" / "bccd_healthy.yaml"
+    )
+    assert set(mapping) == {"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+    assert set(mapping.values()) == {"normal"} and "normal" in Taxonomy.load().nodes
