@@ -434,11 +434,46 @@ def _evaluate(
         explanation_method=explanations.get("method"),
         n_excluded=data["n_excluded"],
     )
-    caveats = explanations.get("caveats", []) + caveats
-    result = {
+    result = _metrics(
+        trained,
+        options,
+        adaptation,
+        data,
+        {},
+        cell,
+        calibration,
+        levels,
+        groups,
+        explanations,
+        figures,
+        caveats,
+    )
+    return _write(result, out_dir, start)
+
+
+def _metrics(
+    trained,
+    options,
+    adaptation,
+    data,
+    extra,
+    cell,
+    calibration,
+    levels,
+    groups,
+    explanations,
+    figures,
+    caveats,
+) -> dict:
+    """The contents of ``metrics.json`` from its sections (``extra`` follows ``data``).
+
+    The caveats of the explanations (shortcuts on burned-in marks) come first.
+    """
+    return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": {**sections.model_section(options, trained), "adapted_batchnorm": adaptation},
         "data": data,
+        **extra,
         "decisions": report_lib.decisions(trained.config.head == "hierarchical"),
         "cell": cell,
         "calibration": calibration,
@@ -447,14 +482,13 @@ def _evaluate(
         "patient": groups["patient"],
         "explanations": explanations,
         "figures": figures,
-        "caveats": caveats,
+        "caveats": explanations.get("caveats", []) + caveats,
         "bootstrap": {
             "n_resamples": options.bootstrap,
             "seed": options.seed,
             "unit": cell["ci"]["unit"],
         },
     }
-    return _write(result, out_dir, start)
 
 
 # ------------------------------------------------------------ image files
@@ -612,25 +646,18 @@ def _evaluate_images(
         n_excluded=0,
     )
     caveats += report_lib.external_caveats(section, group_ids=bool(ids))
-    caveats = explanations.get("caveats", []) + caveats
-    result = {
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "model": {**sections.model_section(options, trained), "adapted_batchnorm": adaptation},
-        "data": data,
-        "external": section,
-        "decisions": report_lib.decisions(trained.config.head == "hierarchical"),
-        "cell": cell,
-        "calibration": calibration,
-        "levels": levels,
-        "slide": groups["slide"],
-        "patient": groups["patient"],
-        "explanations": explanations,
-        "figures": figures,
-        "caveats": caveats,
-        "bootstrap": {
-            "n_resamples": options.bootstrap,
-            "seed": options.seed,
-            "unit": cell["ci"]["unit"],
-        },
-    }
+    result = _metrics(
+        trained,
+        options,
+        adaptation,
+        data,
+        {"external": section},
+        cell,
+        calibration,
+        levels,
+        groups,
+        explanations,
+        figures,
+        caveats,
+    )
     return _write(result, out_dir, start)
