@@ -278,6 +278,10 @@ def _tree_digest(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
 
 
+#: Predictions of a model adapted twice, independently (see the test).
+ADAPTED_ATOL = 1e-5
+
+
 def test_adapt_bn_predicts_with_an_adapted_copy(trained_flat_model_dir, image_folder, tmp_path):
     from leukemia_tf.models import adapt
 
@@ -317,7 +321,9 @@ def test_adapt_bn_predicts_with_an_adapted_copy(trained_flat_model_dir, image_fo
     assert result.adaptation_file == str(output.parent / "predictions_adaptation.json")
     assert "from an ADAPTED copy of the model" in predict_lib.summary(result)
     adapted = got(output)
-    np.testing.assert_allclose(adapted, expected(good), atol=2e-6)
+    # Two separate passes re-estimate the statistics (float32 sums in another
+    # order): they agree to ~2e-6, beyond the CSV's 6 decimals, so allow 1e-5.
+    np.testing.assert_allclose(adapted, expected(good), atol=ADAPTED_ATOL)
     plain, _ = _expected_probabilities(trained_flat_model_dir, good)
     assert not np.allclose(adapted, plain, atol=1e-4)
 
@@ -331,7 +337,7 @@ def test_adapt_bn_predicts_with_an_adapted_copy(trained_flat_model_dir, image_fo
     )
     assert result.adaptation["count"] == 2 and result.adaptation["images"] == str(target)
     np.testing.assert_allclose(
-        got(output), expected([str(target / "a.png"), str(target / "f.jpg")]), atol=2e-6
+        got(output), expected([str(target / "a.png"), str(target / "f.jpg")]), atol=ADAPTED_ATOL
     )
 
     # Off again: the record of the earlier adapted run goes with it.
