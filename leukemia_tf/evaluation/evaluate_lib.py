@@ -289,11 +289,7 @@ def _adapt(
         images, source = inputs, "inputs (the evaluated images, without their labels)"
     else:
         images, source = adapt_bn, adapt_bn
-    adapted = adapt.adapt_from_files(
-        trained.model, images, trained.image_size, batch_size=options.batch_size, source=source
-    )
-    record = adapted.metadata()
-    return dataclasses.replace(trained, model=adapted.model), record
+    return adapt.adapt_trained(trained, images, batch_size=options.batch_size, source=source)
 
 
 #: ``--adapt_bn`` value: adapt on the evaluated images themselves.

@@ -363,3 +363,22 @@ def adapt_from_files(
         logging.warning("AdaBN: cannot read %s: %s (left out)", path, reason)
     result = adapt_batchnorm(model, pixels, batch_size=batch_size, source=source, verbose=verbose)
     return dataclasses.replace(result, num_failed=len(failures))
+
+
+def adapt_trained(trained, images, *, batch_size: int = 64, read_threads: int = 8, source=None):
+    """:func:`adapt_from_files` on a loaded run (``rundir.TrainedModel``).
+
+    Returns:
+      ``(adapted TrainedModel, record)``: the run with its model replaced by
+      the adapted copy, and :meth:`AdaptResult.metadata` for the outputs that
+      must say so (predict's ``_adaptation.json``, ``metrics.json``, the export).
+    """
+    adapted = adapt_from_files(
+        trained.model,
+        images,
+        trained.image_size,
+        batch_size=batch_size,
+        read_threads=read_threads,
+        source=source,
+    )
+    return dataclasses.replace(trained, model=adapted.model), adapted.metadata()

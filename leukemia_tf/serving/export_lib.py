@@ -227,16 +227,10 @@ def export_model(
     if adapt_bn:
         from leukemia_tf.models import adapt
 
-        adaptation = adapt.adapt_from_files(
-            trained.model,
-            adapt_paths,
-            trained.image_size,
-            batch_size=adapt_batch_size,
-            source=adapt_bn,
-        )
-        adapted_batchnorm = adaptation.metadata()
         # Everything below (the graph, the verification) uses the adapted copy.
-        trained = dataclasses.replace(trained, model=adaptation.model)
+        trained, adapted_batchnorm = adapt.adapt_trained(
+            trained, adapt_paths, batch_size=adapt_batch_size, source=adapt_bn
+        )
     temperature = trained.temperature if apply_temperature else 1.0
     # Real images for the warmup requests and the check of the reloaded export.
     if warmup_images:

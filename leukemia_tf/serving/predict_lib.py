@@ -436,16 +436,13 @@ def predict(
     if adapt_bn:
         from leukemia_tf.models import adapt
 
-        adapted = adapt.adapt_from_files(
-            trained.model,
+        trained, adaptation = adapt.adapt_trained(
+            trained,
             adapt_paths,
-            trained.image_size,
             batch_size=batch_size,
             read_threads=read_threads,
             source=adapt_source,
         )
-        adaptation = adapted.metadata()
-        trained = dataclasses.replace(trained, model=adapted.model)
     temperature = trained.temperature if apply_temperature else 1.0
     label_space = trained.label_space
     image_size = trained.image_size
