@@ -43,6 +43,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from leukemia_tf.models import trust as trust_lib
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.taxonomy import Taxonomy
 from leukemia_tf.training import model_factory
@@ -507,6 +508,7 @@ def load_trained_model(
         taxonomy=taxonomy,
         temperature=read_temperature(model_dir),
         tta=tta,
+        trust=trust_lib.load(model_dir, path),
     )
 
 
@@ -525,6 +527,10 @@ class TrainedModel:
     #: square (:func:`d4_views`). A blood cell has no orientation, so every
     #: view is as valid as the original; it costs 8x the inference time.
     tta: bool = False
+    #: The trust statistics fitted for this model file (:mod:`leukemia_tf.models.trust`);
+    #: ``None`` when never fitted.
+    trust: trust_lib.TrustStatistics | None = None
+    _with_features: keras.Model | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -534,29 +540,42 @@ class TrainedModel:
     def image_size(self) -> int:
         return self.config.image_size
 
-    def outputs(self, images, batch_size: int = 64) -> dict:
-        """The model's raw outputs (numpy dict) for uint8/float ``[N, S, S, 3]`` images."""
+    def outputs(self, images, batch_size: int = 64, features: bool = False) -> dict:
+        """The model's raw outputs (numpy dict) for uint8/float ``[N, S, S, 3]`` images.
+
+        With ``features``, also the pooled backbone features (``trust.FEATURES``).
+        """
         images = np.asarray(images)
         chunks = []
         for start in range(0, len(images), batch_size):
             batch = tf.cast(images[start : start + batch_size], tf.float32)
-            chunks.append({k: v.numpy() for k, v in self.forward(batch).items()})
+            chunks.append({k: v.numpy() for k, v in self.forward(batch, features).items()})
         if not chunks:
             raise ValueError("no images given")
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
-    def forward(self, pixels: tf.Tensor) -> dict:
+    def forward(self, pixels: tf.Tensor, features: bool = False) -> dict:
         """The model's outputs for float ``[B, S, S, 3]`` pixels (0-255), with TTA if set.
 
         With :attr:`tta`, every output (the flat logits, or each level's
         logits) is the mean over the 8 views of the same batch, run as one
         ``[8B, S, S, 3]`` batch.
+
+        Args:
+          pixels: the batch.
+          features: also return the pooled backbone features under
+            ``trust.FEATURES`` (the mean over the views with TTA).
         """
+        model = self.model
+        if features:
+            if self._with_features is None:
+                self._with_features = trust_lib.with_features(self.model)
+            model = self._with_features
         if not self.tta:
-            return self.model(pixels, training=False)
+            return model(pixels, training=False)
         views = d4_views(pixels)
         batch = tf.shape(pixels)[0]
-        outputs = self.model(tf.concat(views, axis=0), training=False)
+        outputs = model(tf.concat(views, axis=0), training=False)
         return {
             k: tf.reduce_mean(
                 tf.reshape(v, tf.concat([[len(views), batch], tf.shape(v)[1:]], 0)), 0

@@ -124,6 +124,7 @@ def predict_split(
     data_dir: str | None,
     batch_size: int,
     sampler: explain_lib.ExampleSampler | None = None,
+    features: bool = False,
 ) -> SplitPredictions:
     """Runs the model over one split (one deterministic pass, no cache).
 
@@ -134,6 +135,7 @@ def predict_split(
       data_dir: TFDS data directory.
       batch_size: inference batch size.
       sampler: offered every batch (images kept for explanations).
+      features: also keep the pooled backbone features (``outputs["features"]``).
 
     Returns:
       The split's outputs, labels and ids.
@@ -156,7 +158,7 @@ def predict_split(
     # One trace for every batch size (the last batch is smaller).
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
     def forward(images):
-        return trained.forward(tf.cast(images, tf.float32))
+        return trained.forward(tf.cast(images, tf.float32), features=features)
 
     outputs: dict[str, list[np.ndarray]] = {}
     columns: dict[str, list[np.ndarray]] = {
@@ -170,7 +172,7 @@ def predict_split(
             if key in batch:
                 columns[key].append(batch[key])
         if sampler is not None:
-            probs = trained.label_space.probabilities(out).numpy()
+            probs = trained.label_space.probabilities(_model_outputs(out)).numpy()
             sampler.offer(
                 batch["image"], batch["label"], probs.argmax(axis=1), probs, batch["file_name"]
             )
@@ -189,6 +191,11 @@ def predict_split(
         source=strings("source"),
         file_name=strings("file_name"),
     )
+
+
+def _model_outputs(outputs: dict) -> dict:
+    """The model's own outputs, without the pooled features."""
+    return {k: v for k, v in outputs.items() if k != "features"}
 
 
 @dataclasses.dataclass(frozen=True)

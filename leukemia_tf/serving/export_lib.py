@@ -47,6 +47,7 @@ import tensorflow as tf
 from absl import logging
 
 from leukemia_tf import rundir
+from leukemia_tf.models import trust as trust_lib
 from leukemia_tf.serving import signatures, warmup
 
 #: Format of ``assets/export.json`` (bump on an incompatible change).
@@ -132,18 +133,53 @@ def _verify(
     loaded = tf.saved_model.load(path)
     served = loaded.signatures[signatures.SERVING_DEFAULT](
         image_bytes=tf.constant(list(images), tf.string)
-    )[signatures.PROBABILITIES].numpy()
+    )
     pixels = np.stack(
         [preprocessing.decode_and_resize(b, trained.image_size).numpy() for b in images]
     )
-    expected = trained.label_space.probabilities(trained.outputs(pixels), temperature).numpy()
-    difference = float(np.max(np.abs(served - expected)))
+    outputs = {
+        k: tf.constant(v)
+        for k, v in trained.outputs(pixels, features=trained.trust is not None).items()
+    }
+    model_outputs = {k: v for k, v in outputs.items() if k != trust_lib.FEATURES}
+    expected = trained.label_space.probabilities(model_outputs, temperature).numpy()
+    difference = float(np.max(np.abs(served[signatures.PROBABILITIES].numpy() - expected)))
     if not difference <= VERIFY_TOLERANCE:
         raise ExportError(
             f"the export in {path} disagrees with the Keras model by {difference:.2e} "
             f"(tolerance {VERIFY_TOLERANCE:g}) on the warmup images"
         )
+    scores = trust_lib.trust_outputs(outputs, trained.label_space, trained.trust)
+    for name in trust_lib.SCORES:
+        if name not in scores:
+            continue
+        got, want = served[name].numpy(), scores[name].numpy()
+        # A distance near 0 (a square root) moves more than the probabilities do.
+        atol = VERIFY_TOLERANCE if name in trust_lib.LOGIT_SCORES else 1e-3
+        if not np.allclose(got, want, rtol=1e-3, atol=atol):
+            raise ExportError(
+                f"the export in {path} disagrees with the Keras model on the trust score "
+                f"{name!r} by up to {float(np.max(np.abs(got - want))):.3g} on the warmup images"
+            )
     return difference
+
+
+def _trust_metadata(stats: trust_lib.TrustStatistics | None) -> dict | None:
+    """What ``assets/export.json`` says of the trust outputs."""
+    if stats is None:
+        return None
+    return {
+        "scores": {
+            name: "higher is more trustworthy" if up else "lower is more trustworthy"
+            for name, up in trust_lib.HIGHER_IS_TRUST.items()
+        },
+        "scores_temperature": 1.0,
+        "fitted": stats.record.get("fitted"),
+        "features": stats.record.get("features"),
+        "knn_k": stats.knn_k,
+        "selection": stats.selection,
+        "backoff": stats.backoff,
+    }
 
 
 def export_model(
@@ -240,7 +276,15 @@ def export_model(
     else:
         real = []
 
-    output_keys = signatures.output_keys(trained.label_space)
+    output_keys = signatures.output_keys(trained.label_space, trained.trust)
+    if trained.trust is None:
+        logging.warning(
+            "%s has no trust statistics for %s: the export returns the logit scores only (no "
+            "mahalanobis, knn_distance, referred, predicted_node); fit them first with %s",
+            model_dir,
+            which,
+            trust_lib.fit_command(model_dir),
+        )
     metadata = {
         "format_version": EXPORT_FORMAT_VERSION,
         "model_name": model_name,
@@ -260,6 +304,7 @@ def export_model(
         if trained.taxonomy is not None and trained.config.head == "hierarchical"
         else None,
         "adapted_batchnorm": adapted_batchnorm,
+        "trust": _trust_metadata(trained.trust),
         "temperature": temperature,
         "temperature_applied": bool(apply_temperature),
         "stored_temperature": trained.temperature,
@@ -290,6 +335,7 @@ def export_model(
                 trained.image_size,
                 temperature,
                 assets=_stage_assets(trained, Path(staging), metadata),
+                trust=trained.trust,
             )
             tf.saved_model.save(
                 module,

@@ -58,6 +58,7 @@ from absl import logging
 from leukemia_tf import rundir
 from leukemia_tf.data import images as images_lib
 from leukemia_tf.data import preprocessing
+from leukemia_tf.models import trust as trust_lib
 from leukemia_tf.serving import signatures
 
 DEFAULT_PATH_COLUMN = "path"
@@ -96,6 +97,10 @@ class PredictResult:
     #: ``--adapt_bn``: what was adapted (:meth:`AdaptResult.metadata`), else None.
     adaptation: dict | None = None
     adaptation_file: str | None = None
+    #: Images referred to a human (``referred`` column); None without a fitted threshold.
+    num_referred: int | None = None
+    #: Why there are no feature scores, referral or back-off (no trust statistics), else None.
+    trust_note: str | None = None
 
 
 # ------------------------------------------------------------------- inputs
@@ -447,10 +452,19 @@ def predict(
     label_space = trained.label_space
     image_size = trained.image_size
 
+    stats = trained.trust
+    trust_note = None
+    if stats is None:
+        trust_note = (
+            f"no trust statistics for this model: no mahalanobis/knn_distance scores, no "
+            f"referral, no predicted_node; fit them with {trust_lib.fit_command(model_dir)}"
+        )
+        logging.warning("%s", trust_note)
+
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
     def predict_batch(pixels):
-        outputs = trained.forward(tf.cast(pixels, tf.float32))
-        return signatures.postprocess(outputs, label_space, temperature)
+        outputs = trained.forward(tf.cast(pixels, tf.float32), features=stats is not None)
+        return signatures.postprocess(outputs, label_space, temperature, stats)
 
     failures: dict[int, str] = {}
     progress = keras.utils.Progbar(
@@ -480,7 +494,7 @@ def predict(
             column, column
         )
         path = f"{stem}_{name}.csv"
-        if _write_groups(path, column, items, done, failures, label_space.class_names):
+        if _write_groups(path, column, items, done, failures, label_space.class_names, stats):
             group_files[column] = path
     adaptation_file = f"{stem}_adaptation.json"
     if adaptation is not None:
@@ -491,6 +505,9 @@ def predict(
             os.remove(adaptation_file)
         adaptation_file = None
     failed = sorted(failures)
+    referred = None
+    if stats is not None and stats.selection is not None:
+        referred = sum(bool(out[trust_lib.REFERRED]) for out in done.values())
     return PredictResult(
         output=output,
         errors_file=errors_file,
@@ -501,6 +518,8 @@ def predict(
         failures=[(items[i].path, failures[i]) for i in failed],
         adaptation=adaptation,
         adaptation_file=adaptation_file,
+        num_referred=referred,
+        trust_note=trust_note,
     )
 
 
@@ -519,6 +538,10 @@ def _write_cells(
     header += [f"prob_{name}" for name in class_names]
     for k in range(len(levels)):
         header += [f"level_{k}_decision", f"level_{k}_probability"]
+    trust_keys = [
+        k for k in trust_lib.output_keys(trained.trust) if k != trust_lib.PREDICTED_NODE_PROBABILITY
+    ]
+    header += trust_keys
     with rundir.open_whole(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -534,7 +557,17 @@ def _write_cells(
                 decision = out[signatures.level_names_key(k)].decode("utf-8")
                 level_probs = out[signatures.level_probabilities_key(k)]
                 row += [decision, _format(level_probs[nodes.index(decision)]) if decision else ""]
+            row += [_trust_cell(out[key]) for key in trust_keys]
             writer.writerow(row)
+
+
+def _trust_cell(value) -> str:
+    """A trust output as a CSV cell: a score, ``true``/``false``, or a node name."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.bool_ | bool):
+        return "true" if value else "false"
+    return _format(float(value))
 
 
 def _write_errors(
@@ -557,8 +590,14 @@ def _write_groups(
     done: dict[int, dict[str, np.ndarray]],
     failures: dict[int, str],
     class_names: Sequence[str],
+    stats: trust_lib.TrustStatistics | None = None,
 ) -> bool:
-    """Writes the group-level CSV; returns False (and writes nothing) without any group id."""
+    """Writes the group-level CSV; returns False (and writes nothing) without any group id.
+
+    With a fitted referral threshold, ``n_referred`` counts the group's
+    referred cells and ``referred`` is true when more than the fitted
+    ``max_referred_fraction`` of them are (or all).
+    """
     from leukemia_tf.evaluation.aggregate import aggregate
 
     indices = [i for i in sorted(done) if items[i].groups.get(column)]
@@ -579,6 +618,13 @@ def _write_groups(
     header += ["mean_prediction", "mean_probability"]
     header += [f"mean_prob_{name}" for name in class_names]
     header += [f"votes_{name}" for name in class_names]
+    selection = stats.selection if stats is not None else None
+    referred_per_group: collections.Counter = collections.Counter()
+    if selection is not None:
+        header += ["n_referred", "referred"]
+        referred_per_group = collections.Counter(
+            items[i].groups[column] for i in indices if bool(done[i][trust_lib.REFERRED])
+        )
     with rundir.open_whole(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -598,9 +644,20 @@ def _write_groups(
                     _format(mean_probs[mean]),
                     *(_format(p) for p in mean_probs),
                     *(int(v) for v in votes),
+                    *_group_referral(group, pooled["n_cells"][g], referred_per_group, selection),
                 ]
             )
     return True
+
+
+def _group_referral(group, n_cells, referred_per_group, selection) -> list:
+    """``[n_referred, referred]`` cells of a group row (nothing without a selection)."""
+    if selection is None:
+        return []
+    n_referred = referred_per_group.get(group, 0)
+    fraction = n_referred / max(int(n_cells), 1)
+    referred = n_referred == n_cells or fraction > selection["max_referred_fraction"]
+    return [n_referred, "true" if referred else "false"]
 
 
 def summary(result: PredictResult) -> str:
@@ -610,6 +667,13 @@ def summary(result: PredictResult) -> str:
     ]
     for column, path in result.group_files.items():
         lines.append(f"  per {column}: {path}")
+    if result.num_referred is not None:
+        lines.append(
+            f"  referred to a human (column 'referred'): {result.num_referred} of "
+            f"{result.num_predicted}"
+        )
+    if result.trust_note:
+        lines.append(f"  {result.trust_note}")
     if result.adaptation is not None:
         a = result.adaptation
         if a["adapted"]:

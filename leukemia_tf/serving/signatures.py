@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from leukemia_tf.data import preprocessing
+from leukemia_tf.models import trust as trust_lib
 from leukemia_tf.models.heads import level_key
 from leukemia_tf.models.label_space import LabelSpace
 
@@ -108,20 +109,30 @@ def greedy_decisions(level_probs: Mapping[str, tf.Tensor], label_space: LabelSpa
 
 
 def postprocess(
-    outputs: Mapping[str, tf.Tensor], label_space: LabelSpace, temperature: float = 1.0
+    outputs: Mapping[str, tf.Tensor],
+    label_space: LabelSpace,
+    temperature: float = 1.0,
+    trust: trust_lib.TrustStatistics | None = None,
 ) -> dict[str, tf.Tensor]:
     """Named predictions from the model's raw outputs (serving and ``predict``).
 
     Args:
-      outputs: the model's output dict (``{"logits"}`` or ``{"level_k"}``).
+      outputs: the model's output dict (``{"logits"}`` or ``{"level_k"}``),
+        with ``"features"`` (:func:`trust.with_features`) when ``trust`` is given.
       label_space: the model's classes.
       temperature: divides every logit (1: as trained).
+      trust: the run's fitted trust statistics, or None.
 
     Returns:
-      ``{"probabilities", "class_ids", "class_names"}`` and, for a
-      hierarchical model, ``level_k_probabilities`` and ``level_k_names`` per
-      level (see the module docstring).
+      ``{"probabilities", "class_ids", "class_names"}``, the trust outputs
+      (:func:`leukemia_tf.models.trust.trust_outputs`: always
+      ``max_probability``, ``margin``, ``energy``; with ``trust`` the feature
+      scores, ``referred`` and ``predicted_node``) and, for a hierarchical
+      model, ``level_k_probabilities`` and ``level_k_names`` per level (see
+      the module docstring).
     """
+    trust_out = trust_lib.trust_outputs(dict(outputs), label_space, trust)
+    outputs = {k: v for k, v in outputs.items() if k != trust_lib.FEATURES}
     probabilities = label_space.probabilities(outputs, temperature)
     class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
     names = tf.constant(label_space.class_names, tf.string)
@@ -139,16 +150,19 @@ def postprocess(
             index = tf.where(index < 0, len(levels[level]), index)
             out[level_probabilities_key(level)] = level_probs[level_key(level)]
             out[level_names_key(level)] = tf.gather(level_names, index)
+    out.update(trust_out)
     return out
 
 
-def output_keys(label_space: LabelSpace) -> list[str]:
+def output_keys(
+    label_space: LabelSpace, trust: trust_lib.TrustStatistics | None = None
+) -> list[str]:
     """The output names :func:`postprocess` returns for ``label_space``, in order."""
     keys = [PROBABILITIES, CLASS_IDS, CLASS_NAMES]
     if label_space.head == "hierarchical":
         for level in range(label_space.taxonomy.num_levels):
             keys += [level_probabilities_key(level), level_names_key(level)]
-    return keys
+    return keys + trust_lib.output_keys(trust)
 
 
 # ------------------------------------------------------------------- inputs
@@ -337,6 +351,8 @@ class ServingModule(tf.Module):
       image_size: its input side ``S``.
       temperature: divides every logit (1: uncalibrated).
       assets: ``{name: path}`` files to ship in ``assets/``.
+      trust: the fitted trust statistics (their arrays become constants of
+        the graph); None: the logit scores only.
     """
 
     def __init__(
@@ -346,12 +362,15 @@ class ServingModule(tf.Module):
         image_size: int,
         temperature: float = 1.0,
         assets: Mapping[str, str] | None = None,
+        trust: trust_lib.TrustStatistics | None = None,
     ):
         super().__init__(name="leukemia_serving")
         image_size = preprocessing.check_image_size(image_size)
         temperature = float(temperature)
         if not np.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if trust is not None:
+            model = trust_lib.with_features(model)
 
         def predict(images: tf.Tensor) -> dict[str, tf.Tensor]:
             count = tf.shape(images)[0]
@@ -363,7 +382,8 @@ class ServingModule(tf.Module):
                 lambda: tf.zeros([1, image_size, image_size, 3], tf.float32),
             )
             outputs = model(images, training=False)
-            return {k: v[:count] for k, v in postprocess(outputs, label_space, temperature).items()}
+            named = postprocess(outputs, label_space, temperature, trust)
+            return {k: v[:count] for k, v in named.items()}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
         def serving_default(image_bytes):

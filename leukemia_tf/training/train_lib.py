@@ -253,7 +253,9 @@ def _nonfinite_hint(config: TrainConfig, model_dir: str, state: run_state.RunSta
     )
 
 
-def train(config: TrainConfig, callbacks: Sequence[EpochHook] = ()) -> TrainResult:
+def train(
+    config: TrainConfig, callbacks: Sequence[EpochHook] = (), fit_trust: bool = True
+) -> TrainResult:
     """Trains a model as ``config`` says and writes everything into ``config.model_dir``.
 
     A run that was killed resumes from its last checkpoint when started again
@@ -264,6 +266,11 @@ def train(config: TrainConfig, callbacks: Sequence[EpochHook] = ()) -> TrainResu
       callbacks: hooks called as ``hook(epoch, logs)`` after each epoch's
         checkpoint; one that returns True stops the run there, resumable
         (:data:`EpochHook`).
+      fit_trust: when the run finishes, fit its trust statistics
+        (:func:`leukemia_tf.trust_lib.fit` with the defaults: feature
+        statistics on the train split, referral and back-off thresholds on
+        the validation split), as ``python -m leukemia_tf.fit_trust`` would.
+        The tuner's trials skip it.
 
     Returns:
       A :class:`TrainResult`.
@@ -300,7 +307,10 @@ def train(config: TrainConfig, callbacks: Sequence[EpochHook] = ()) -> TrainResu
         lock.acquire()
     try:
         with _SigtermWatcher() as sigterm:
-            return _train(config, strategy, precision, chief, sigterm, callbacks, start_time)
+            result = _train(config, strategy, precision, chief, sigterm, callbacks, start_time)
+        if chief and fit_trust and result.finished:
+            _fit_trust(result.model_dir)
+        return result
     except BaseException:
         if lock is not None and new_dir:
             lock.release()
@@ -311,6 +321,14 @@ def train(config: TrainConfig, callbacks: Sequence[EpochHook] = ()) -> TrainResu
     finally:
         if lock is not None:
             lock.release()
+
+
+def _fit_trust(model_dir: str) -> None:
+    """The trust statistics of a finished run (printed; the run stays usable without them)."""
+    from leukemia_tf import trust_lib
+
+    stats = trust_lib.fit(model_dir)
+    print(trust_lib.summary(model_dir, stats))
 
 
 @dataclasses.dataclass

@@ -351,7 +351,7 @@ class EngineTuner(keras_tuner.Tuner):
                 # The trial's Hyperband budget: pause the run there, resumable.
                 return stop_early and epoch + 1 >= target
 
-            train_lib.train(config, callbacks=[on_epoch_end])
+            train_lib.train(config, callbacks=[on_epoch_end], fit_trust=False)
 
         rows = [r for r in rundir.read_history(model_dir) if r["epoch"] < target]
         if not rows:
