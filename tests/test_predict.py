@@ -89,6 +89,14 @@ def test_folder_predictions_and_errors(trained_flat_model_dir, image_folder, tmp
         "predicted_class",
         "probability",
         *(f"prob_{c}" for c in class_names),
+        # The trust outputs (leukemia_tf.models.trust), fitted at the end of training.
+        "max_probability",
+        "margin",
+        "energy",
+        "mahalanobis",
+        "knn_distance",
+        "referred",
+        "predicted_node",
     ]
     got = np.array([[float(r[f"prob_{c}"]) for c in class_names] for r in rows])
     np.testing.assert_allclose(got, probs, atol=2e-6)
