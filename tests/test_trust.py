@@ -69,7 +69,9 @@ def test_scores_match_numpy_references_flat():
     np.testing.assert_allclose(out["margin"], top2[:, 0] - top2[:, 1], atol=1e-6)
     lse = np.log(np.exp(logits.astype(np.float64)).sum(1))
     np.testing.assert_allclose(out["energy"], -lse, rtol=1e-5)
-    np.testing.assert_allclose(out["mahalanobis"], _reference_mahalanobis(features, stats), rtol=1e-3)
+    np.testing.assert_allclose(
+        out["mahalanobis"], _reference_mahalanobis(features, stats), rtol=1e-3
+    )
     normed = features / np.linalg.norm(features, axis=1, keepdims=True)
     kth = np.sort(normed @ stats.bank.T, axis=1)[:, -3]
     np.testing.assert_allclose(out["knn_distance"], np.sqrt(np.maximum(2 - 2 * kth, 0)), atol=1e-3)
@@ -97,8 +99,10 @@ def test_hierarchical_energy_uses_the_joint_class_logits_and_backoff_stops():
     taxonomy = Taxonomy(TREE)
     label_space = LabelSpace(["lymph", "neutro", "ALL", "AML", "CLL"], "hierarchical", taxonomy)
     rng = np.random.default_rng(3)
-    outputs = {f"level_{k}": tf.constant(rng.normal(size=(8, len(n))), tf.float32)
-               for k, n in enumerate(taxonomy.levels)}
+    outputs = {
+        f"level_{k}": tf.constant(rng.normal(size=(8, len(n))), tf.float32)
+        for k, n in enumerate(taxonomy.levels)
+    }
     scores = trust.logit_scores(outputs, label_space)
     joint = []
     for name in label_space.class_names:
@@ -130,7 +134,9 @@ def test_flat_head_over_taxonomy_nodes_walks_summed_class_probabilities():
     logits = tf.constant([[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 2.9]])
     level_probs = trust.level_probabilities({"logits": logits}, label_space)
     probs = tf.nn.softmax(logits).numpy()
-    np.testing.assert_allclose(level_probs[0][:, taxonomy.level_index("leukemia")], probs[:, 2:].sum(1), rtol=1e-6)
+    np.testing.assert_allclose(
+        level_probs[0][:, taxonomy.level_index("leukemia")], probs[:, 2:].sum(1), rtol=1e-6
+    )
     names, _ = trust.backoff_nodes(level_probs, taxonomy, [0.9, 0.9, None])
     # Image 0 is sure of lymph; image 1 of leukemia only (acute vs CLL is a coin toss).
     assert [n.decode() for n in names.numpy()] == ["lymph", "leukemia"]
@@ -203,7 +209,9 @@ def _folder(root: Path, n: int) -> Path:
     return root
 
 
-def test_predict_writes_trust_columns_and_counts_referrals(trained_hierarchical_model_dir, tmp_path):
+def test_predict_writes_trust_columns_and_counts_referrals(
+    trained_hierarchical_model_dir, tmp_path
+):
     images = _folder(tmp_path / "cells", 5)
     out = tmp_path / "p.csv"
     result = predict_lib.predict(trained_hierarchical_model_dir, str(images), out, verbose=0)
@@ -265,7 +273,13 @@ def test_fit_trust_command_line(trained_flat_model_dir, tmp_path):
     run = tmp_path / "run"
     rundir.copy_tree(trained_flat_model_dir, run)
     bad = subprocess.run(
-        [sys.executable, "-m", "leukemia_tf.fit_trust", f"--model_dir={run}", "--target_coverage=0"],
+        [
+            sys.executable,
+            "-m",
+            "leukemia_tf.fit_trust",
+            f"--model_dir={run}",
+            "--target_coverage=0",
+        ],
         capture_output=True,
         text=True,
     )

@@ -24,7 +24,11 @@ Both return :func:`postprocess`'s outputs: ``probabilities`` ``float32
 [N, n_k]`` (the marginal probability of every taxonomy node of level ``k``)
 and ``level_k_names`` ``string [N]``: the top-down greedy decision (at each
 level the most probable child of the node chosen one level up; ``""`` below
-the level where the chosen node is a leaf).
+the level where the chosen node is a leaf). Both also return the trust
+outputs of :func:`leukemia_tf.models.trust.trust_outputs`: ``max_probability``,
+``margin`` and ``energy`` always; with the run's fitted trust statistics (graph
+constants) ``mahalanobis``, ``knn_distance``, ``referred`` and
+``predicted_node`` / ``predicted_node_probability``.
 
 Bad requests fail with ``InvalidArgument`` naming the problem, never with a
 crash: an image that cannot be decoded is reported with its index in the
