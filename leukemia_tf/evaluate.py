@@ -58,7 +58,7 @@ _OUT_DIR = flags.DEFINE_string(
     "out_dir",
     None,
     "Where to write the report. Default: <model_dir>/eval_<split> (with --images: "
-    "<model_dir>/eval_images_<folder or CSV name>).",
+    "<model_dir>/eval_images_<folder or CSV name>; with --ood_images, _ood_<name> added).",
 )
 _BOOTSTRAP = flags.DEFINE_integer(
     "bootstrap",

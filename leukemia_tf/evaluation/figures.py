@@ -202,7 +202,7 @@ def risk_coverage_figure(
     ax.set_xlabel("Coverage (fraction of cells answered)")
     ax.set_ylabel("Risk (error rate among the answered)")
     ax.set_title(title or "Risk-coverage curves")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _save(figure, path)
 
 
