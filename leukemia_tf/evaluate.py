@@ -20,11 +20,18 @@ restricted to the classes present in the labels, the classes absent, and
 ``predictions.csv`` (every image's label and prediction). See
 :func:`leukemia_tf.evaluation.evaluate_lib.evaluate_images`.
 
+Trust: the report's "Knowing when not to answer" section scores every trust
+score of :mod:`leukemia_tf.models.trust` (risk-coverage, AURC), the fitted
+referral and back-off; ``--ood_images=FOLDER_OR_GLOB_OR_CSV`` adds how well
+each score separates images the model should refuse (report in
+``..._ood_<name>``).
+
 Examples::
 
   python -m leukemia_tf.evaluate --model_dir=runs/quickstart --split=test
   python -m leukemia_tf.evaluate --model_dir=runs/pbc --images=smears/bccd \
       --label_map=bccd_labels.yaml
+  python -m leukemia_tf.evaluate --model_dir=runs/pbc --split=test --ood_images=smears/junk
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ _OUT_DIR = flags.DEFINE_string(
     "out_dir",
     None,
     "Where to write the report. Default: <model_dir>/eval_<split> (with --images: "
-    "<model_dir>/eval_images_<folder or CSV name>).",
+    "<model_dir>/eval_images_<folder or CSV name>; with --ood_images, _ood_<name> added).",
 )
 _BOOTSTRAP = flags.DEFINE_integer(
     "bootstrap",
@@ -126,6 +133,15 @@ _ADAPT_BN = flags.DEFINE_string(
     "report goes to a folder ending in _adabn and records the adaptation.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap and of the explained examples.")
+_OOD_IMAGES = flags.DEFINE_string(
+    "ood_images",
+    None,
+    "Out-of-distribution images (a folder, glob or CSV, read as leukemia_tf.predict reads "
+    "them) that the model should refuse: the report adds, per trust score, how well it "
+    "separates them from the evaluated images (AUROC, FPR at 95% TPR) and the fraction the "
+    "fitted referral flags. With --split or --images; the report goes to a folder ending in "
+    "_ood_<name>.",
+)
 
 
 def _fmt(value) -> str:
@@ -140,6 +156,45 @@ def _present(flag: flags.FlagHolder) -> bool:
 def _explicit(flag: flags.FlagHolder) -> str | None:
     """The flag's value if given on the command line, else None (auto-detect)."""
     return flag.value if _present(flag) else None
+
+
+def _trust_lines(result: dict) -> list[str]:
+    """AURC of the selection score and its risk at 90% coverage; AUROC per OOD score."""
+    selective = result.get("selective")
+    if not selective:
+        return []
+    referral = selective["referral"]
+    name = referral["score"] if referral.get("available") else selective["best_score"]
+    row = selective["scores"].get(name) or {}
+    lines = []
+    if "aurc" in row:
+        at90 = row["at_coverage"].get("0.9") or {}
+        lines.append(
+            f"  {name}: AURC {_fmt(row['aurc'])}, risk {_fmt(at90.get('risk'))} at 90% coverage "
+            f"vs {_fmt(row['risk'])} at full coverage"
+            + (
+                f"; referral refers {referral['fraction_referred']:.1%}"
+                if referral.get("available")
+                else ""
+            )
+        )
+    if not selective["trust_fitted"]:
+        lines.append(f"  no trust statistics: fit them with {selective['fit_command']}")
+    ood = result.get("ood")
+    if ood:
+        lines.append(
+            f"  OOD {ood['source']}: {ood['n_scored']} of {ood['n_images']} images "
+            f"({ood['n_unreadable']} unreadable)"
+        )
+        for score, entry in ood["scores"].items():
+            if "auroc" in entry:
+                lines.append(
+                    f"    {score}: AUROC {_fmt(entry['auroc'])}, FPR at 95% TPR "
+                    f"{_fmt(entry['fpr_at_95_tpr'])}"
+                )
+        for warning in ood["warnings"]:
+            lines.append(f"  warning: {warning}")
+    return lines
 
 
 def main(argv: Sequence[str]) -> None:
@@ -178,6 +233,7 @@ def main(argv: Sequence[str]) -> None:
         which=_WHICH.value,
         tta=_TTA.value,
         adapt_bn=_ADAPT_BN.value.strip(),
+        ood_images=_OOD_IMAGES.value,
     )
     try:
         if images is None:
@@ -241,6 +297,7 @@ def main(argv: Sequence[str]) -> None:
                 f"(mean probability), "
                 f"{_fmt(section['methods']['majority_vote']['accuracy'])} (majority vote)"
             )
+    lines += _trust_lines(result)
     lines.append(f"Report: {result['report_path']}")
     print("\n".join(lines))
 

@@ -15,7 +15,13 @@ those outputs:
 * slide and patient level (mean probability and majority vote) wherever the
   split carries those ids;
 * Grad-CAM or attention-rollout figures for a sample of correct and wrong
-  predictions per class.
+  predictions per class;
+* knowing when not to answer (:mod:`leukemia_tf.evaluation.trust_sections`):
+  the trust scores' risk-coverage summaries and the fitted referral
+  (``selective``), mistake severity and back-off (``hierarchy``) and, with
+  ``ood_images``, how well each score separates out-of-distribution images
+  (``ood``). The validation split is read once, for the temperature and the
+  back-off curve.
 
 Decisions (accuracy, confusion matrices, aggregation) use the probabilities
 as trained (temperature 1): the model that was selected on validation. The
@@ -59,7 +65,7 @@ import tensorflow as tf
 from leukemia_tf import rundir
 from leukemia_tf.data import names, pipeline
 from leukemia_tf.evaluation import explain as explain_lib
-from leukemia_tf.evaluation import external, figure_sections, sections
+from leukemia_tf.evaluation import external, figure_sections, sections, trust_sections
 from leukemia_tf.evaluation import figures as figures_lib
 from leukemia_tf.evaluation import report as report_lib
 from leukemia_tf.evaluation.predictions import (
@@ -111,6 +117,9 @@ class EvalOptions:
       which: checkpoint, ``"best"`` or ``"last"`` (or a ``.keras`` path).
       fit_temperature: fit the temperature on the validation split.
       tta: test-time augmentation (8 views).
+      ood_images: ``--ood_images``, a folder, glob or CSV of images the model
+        should refuse (the ``ood`` section), or ``None``.
+      read_threads: threads reading image files (``--images``, ``--ood_images``).
 
     Raises:
       ValueError: ``bootstrap`` or ``explain_samples`` below 0, ``batch_size`` below 1.
@@ -125,6 +134,8 @@ class EvalOptions:
     which: str = "best"
     fit_temperature: bool = True
     tta: bool = False
+    ood_images: str | None = None
+    read_threads: int = 8
 
     def __post_init__(self):
         if self.bootstrap < 0:
@@ -133,6 +144,8 @@ class EvalOptions:
             raise ValueError(f"--explain_samples={self.explain_samples} must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.ood_images is not None and not str(self.ood_images).strip():
+            raise ValueError("--ood_images is empty: give a folder, a glob or a CSV file")
 
 
 def _check_data(
@@ -173,7 +186,13 @@ def _predictions(
         len(trained.class_names), options.explain_samples, seed=options.seed
     )
     predictions = predict_split(
-        trained, specs, options.split, data_dir, options.batch_size, sampler
+        trained,
+        specs,
+        options.split,
+        data_dir,
+        options.batch_size,
+        sampler,
+        features=trust_sections.needs_features(trained),
     )
     probs = trained.label_space.probabilities(predictions.outputs, 1.0).numpy()
     return EvaluatedSplit(
@@ -228,13 +247,20 @@ def _write(result: dict, out_dir: Path, start: float) -> dict:
 
 # ------------------------------------------------------------------- main
 def default_out_dir(
-    model_dir: str | os.PathLike, split: str, which: str = "best", tta: bool = False
+    model_dir: str | os.PathLike,
+    split: str,
+    which: str = "best",
+    tta: bool = False,
+    ood_images: str | None = None,
 ) -> str:
-    """``model_dir/eval_<split>`` (``_<which>`` added for another checkpoint, ``_tta`` with TTA).
+    """``model_dir/eval_<split>`` (``_<which>`` added for another checkpoint, ``_tta`` with TTA,
+    ``_ood_<name>`` with ``--ood_images``, :func:`trust_sections.ood_name`).
 
     A string: ``model_dir`` may be a URL (``gs://``), which pathlib mangles.
     """
-    return _out_dir(model_dir, f"eval_{figure_sections.safe_name(split)}", which, tta)
+    return _out_dir(
+        model_dir, f"eval_{figure_sections.safe_name(split)}", which, tta, ood_images=ood_images
+    )
 
 
 def default_images_out_dir(
@@ -243,6 +269,7 @@ def default_images_out_dir(
     which: str = "best",
     tta: bool = False,
     adapted: bool = False,
+    ood_images: str | None = None,
 ) -> str:
     """``model_dir/eval_images_<folder name or CSV stem>`` (suffixes as :func:`default_out_dir`).
 
@@ -250,12 +277,22 @@ def default_images_out_dir(
     """
     name = external.ImageSource(images).name
     return _out_dir(
-        model_dir, f"eval_images_{figure_sections.safe_name(name)}", which, tta, adapted
+        model_dir,
+        f"eval_images_{figure_sections.safe_name(name)}",
+        which,
+        tta,
+        adapted,
+        ood_images,
     )
 
 
 def _out_dir(
-    model_dir: str | os.PathLike, name: str, which: str, tta: bool, adapted: bool = False
+    model_dir: str | os.PathLike,
+    name: str,
+    which: str,
+    tta: bool,
+    adapted: bool = False,
+    ood_images: str | None = None,
 ) -> str:
     if which != "best":
         stem = rundir.basename(which)
@@ -264,6 +301,8 @@ def _out_dir(
         name += "_tta"
     if adapted:
         name += "_adabn"
+    if ood_images:
+        name += f"_ood_{figure_sections.safe_name(trust_sections.ood_name(ood_images))}"
     return rundir.join(model_dir, name)
 
 
@@ -309,6 +348,7 @@ def evaluate(
     fit_temperature: bool = True,
     tta: bool = False,
     adapt_bn: str = "",
+    ood_images: str | None = None,
 ) -> dict:
     """Evaluates a trained model on one split and writes the report.
 
@@ -330,6 +370,11 @@ def evaluate(
       tta: test-time augmentation, the mean logits of the 8 rotations and
         mirrorings of each image (``TrainedModel.tta``); the report goes to
         ``eval_<split>_tta`` by default and the temperature is not stored.
+      adapt_bn: AdaBN target images (see :func:`_adapt`); ``""``: off.
+      ood_images: a folder, glob or CSV of out-of-distribution images, read
+        as ``predict`` reads them: the ``ood`` section scores how well each
+        trust score separates them from the split. The report goes to
+        ``eval_<split>_ood_<name>`` by default.
 
     Returns:
       The contents of ``metrics.json``, plus ``out_dir``, ``report_path`` and
@@ -352,7 +397,10 @@ def evaluate(
         which=which,
         fit_temperature=fit_temperature,
         tta=tta,
+        ood_images=ood_images,
     )
+    # Inputs first: a wrong --ood_images fails before the model is read.
+    ood_items = trust_sections.collect_ood(ood_images) if ood_images else None
     # The one check of model_dir on the way through evaluation (check_model_dir, local or gs://).
     trained = rundir.load_trained_model(model_dir, which=options.which, tta=options.tta)
     trained, adaptation = _adapt(trained, adapt_bn, None, options)
@@ -369,9 +417,12 @@ def evaluate(
             options.which,
             options.tta,
             adaptation is not None,
+            options.ood_images,
         )
     )
-    return _run_into(target, lambda local: _evaluate(trained, options, local, start, adaptation))
+    return _run_into(
+        target, lambda local: _evaluate(trained, options, local, start, adaptation, ood_items)
+    )
 
 
 def _run_into(target: str, run: Callable[[Path], dict]) -> dict:
@@ -404,6 +455,7 @@ def _evaluate(
     out_dir: Path,
     start: float,
     adaptation: dict | None = None,
+    ood_items: list[predict_lib.InputImage] | None = None,
 ) -> dict:
     """:func:`evaluate` of the loaded model into the local folder ``out_dir``.
 
@@ -414,12 +466,17 @@ def _evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     ev = _predictions(trained, options, specs, data_dir, sizes)
     cell = sections.cell_section(options, ev)
-    calibration, notes = sections.calibration_section(options, ev)
+    validation = sections.validation_pass(options, ev)
+    calibration, notes = sections.calibration_section(options, ev, validation)
     levels = sections.levels_section(ev)
     groups = sections.group_sections(options, ev)
     figures = figure_sections.figures_section(
         options, ev, cell, calibration, levels, groups, out_dir
     )
+    trusted, trust_figures, trust_caveats = _trust(
+        options, ev, validation, ood_items, out_dir, adaptation
+    )
+    figures.update(trust_figures)
     explanations = figure_sections.explanations_section(trained, ev.sampler, out_dir)
     data = sections.data_section(options, ev)
     caveats = report_lib.caveats(
@@ -442,9 +499,40 @@ def _evaluate(
         groups,
         explanations,
         figures,
-        caveats,
+        caveats + trust_caveats,
+        trusted,
     )
     return _write(result, out_dir, start)
+
+
+def _trust(
+    options: EvalOptions,
+    ev: EvaluatedSplit,
+    validation: trust_sections.ValidationPass,
+    ood_items: list[predict_lib.InputImage] | None,
+    out_dir: Path,
+    adaptation: dict | None,
+) -> tuple[dict, dict[str, str], list[str]]:
+    """The trust sections (:mod:`leukemia_tf.evaluation.trust_sections`), figure and caveats.
+
+    Returns:
+      ``({"selective", "hierarchy", "ood"}, figures, caveats)``; ``ood`` is
+      ``None`` without ``ood_items``.
+    """
+    trained = ev.trained
+    scores = trust_sections.scores_of(trained, ev.predictions.outputs)
+    selective = trust_sections.selective_section(ev, scores)
+    hierarchy = trust_sections.hierarchy_section(ev, scores, validation)
+    caveats = trust_sections.caveats(trained, options.tta, adaptation is not None)
+    ood = None
+    if ood_items is not None:
+        images = trust_sections.predict_ood(
+            trained, options.ood_images, ood_items, options.batch_size, options.read_threads
+        )
+        ood, more = trust_sections.ood_section(ev, scores, images)
+        caveats += more
+    figures = figure_sections.trust_figures(options, selective, out_dir)
+    return {"selective": selective, "hierarchy": hierarchy, "ood": ood}, figures, caveats
 
 
 def _metrics(
@@ -460,10 +548,13 @@ def _metrics(
     explanations,
     figures,
     caveats,
+    trusted,
 ) -> dict:
     """The contents of ``metrics.json`` from its sections (``extra`` follows ``data``).
 
-    The caveats of the explanations (shortcuts on burned-in marks) come first.
+    ``trusted``: the trust sections (``selective``, ``hierarchy``, ``ood``), after
+    the slide and patient sections. The caveats of the explanations (shortcuts
+    on burned-in marks) come first.
     """
     return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -476,6 +567,7 @@ def _metrics(
         "levels": levels,
         "slide": groups["slide"],
         "patient": groups["patient"],
+        **trusted,
         "explanations": explanations,
         "figures": figures,
         "caveats": explanations.get("caveats", []) + caveats,
@@ -507,6 +599,7 @@ def evaluate_images(
     tta: bool = False,
     read_threads: int = 8,
     adapt_bn: str = "",
+    ood_images: str | None = None,
 ) -> dict:
     """Evaluates a trained model on labelled image files and writes the report.
 
@@ -531,6 +624,9 @@ def evaluate_images(
       bootstrap, seed, explain_samples, batch_size, which, fit_temperature,
         tta: as for :func:`evaluate`.
       read_threads: threads reading image files.
+      adapt_bn: as for :func:`evaluate`.
+      ood_images: as for :func:`evaluate`, against these images; the report
+        goes to ``eval_images_<name>_ood_<ood name>`` by default.
 
     Returns:
       The contents of ``metrics.json``, plus ``out_dir``, ``report_path`` and
@@ -562,9 +658,12 @@ def evaluate_images(
         which=which,
         fit_temperature=fit_temperature,
         tta=tta,
+        ood_images=ood_images,
+        read_threads=read_threads,
     )
     # Inputs first: a wrong path fails before the model is read.
     external.read_labelled_images(source)
+    ood_items = trust_sections.collect_ood(ood_images) if ood_images else None
     trained = rundir.load_trained_model(model_dir, which=options.which, tta=options.tta)
     targets = external.Targets.of(trained)
     labelled = external.labelled_images(source, targets)
@@ -576,13 +675,18 @@ def evaluate_images(
         os.fspath(out_dir)
         if out_dir
         else default_images_out_dir(
-            trained.model_dir, images, options.which, options.tta, adaptation is not None
+            trained.model_dir,
+            images,
+            options.which,
+            options.tta,
+            adaptation is not None,
+            options.ood_images,
         )
     )
     return _run_into(
         target,
         lambda local: _evaluate_images(
-            trained, options, targets, labelled, local, start, adaptation
+            trained, options, targets, labelled, local, start, adaptation, ood_items
         ),
     )
 
@@ -595,12 +699,20 @@ def _evaluate_images(
     out_dir: Path,
     start: float,
     adaptation: dict | None = None,
+    ood_items: list[predict_lib.InputImage] | None = None,
 ) -> dict:
     """:func:`evaluate_images` of the loaded model into the local folder ``out_dir``."""
     sampler = explain_lib.ExampleSampler(
         len(trained.class_names), options.explain_samples, seed=options.seed
     )
-    predicted = external.predict_images(trained, labelled, targets, options.batch_size, sampler)
+    predicted = external.predict_images(
+        trained,
+        labelled,
+        targets,
+        options.batch_size,
+        sampler,
+        features=trust_sections.needs_features(trained),
+    )
     ev = external.evaluated_split(trained, predicted, sampler)
     if not len(ev.y_true):
         raise ValueError(
@@ -615,12 +727,17 @@ def _evaluate_images(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     cell = sections.cell_section(options, ev)
-    calibration, notes = sections.calibration_section(options, ev)
+    validation = sections.validation_pass(options, ev)
+    calibration, notes = sections.calibration_section(options, ev, validation)
     levels = sections.levels_section(everything)
     groups = sections.group_sections(options, ev)
     figures = figure_sections.figures_section(
         options, ev, cell, calibration, levels, groups, out_dir
     )
+    trusted, trust_figures, trust_caveats = _trust(
+        options, ev, validation, ood_items, out_dir, adaptation
+    )
+    figures.update(trust_figures)
     explanations = figure_sections.explanations_section(trained, sampler, out_dir)
     units, _ = sections.bootstrap_units(ev.predictions)
     restricted = external.restricted_scores(ev, units, options.bootstrap, options.seed)
@@ -654,6 +771,7 @@ def _evaluate_images(
         groups,
         explanations,
         figures,
-        caveats,
+        caveats + trust_caveats,
+        trusted,
     )
     return _write(result, out_dir, start)

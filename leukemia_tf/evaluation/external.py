@@ -47,6 +47,7 @@ from leukemia_tf.data import names
 from leukemia_tf.evaluation import explain as explain_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
 from leukemia_tf.evaluation.predictions import EvaluatedSplit, SplitPredictions
+from leukemia_tf.models.trust import FEATURES
 from leukemia_tf.serving import predict_lib, signatures
 
 #: File of the per-image decisions in the report folder.
@@ -399,10 +400,13 @@ def predict_images(
     targets: Targets,
     batch_size: int,
     sampler: explain_lib.ExampleSampler | None = None,
+    features: bool = False,
 ) -> ImagePredictions:
     """Runs the model over the images as ``predict`` does, keeping outputs and decisions.
 
-    Images whose label names a class are offered to ``sampler``.
+    Images whose label names a class are offered to ``sampler``. With
+    ``features`` the outputs keep the pooled backbone features (``"features"``,
+    for the trust scores).
 
     Raises:
       ValueError: no image could be read.
@@ -413,8 +417,9 @@ def predict_images(
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
     def forward(pixels):
-        outputs = trained.forward(tf.cast(pixels, tf.float32))
-        return outputs, signatures.postprocess(outputs, label_space)
+        outputs = trained.forward(tf.cast(pixels, tf.float32), features=features)
+        model_outputs = {k: v for k, v in outputs.items() if k != FEATURES}
+        return outputs, signatures.postprocess(model_outputs, label_space)
 
     failures: dict[int, str] = {}
     chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
@@ -457,6 +462,43 @@ def predict_images(
         else np.stack([targets.levels(images.targets[i]) for i in index]).astype(np.int64),
         failures=failures,
     )
+
+
+def predict_unlabelled(
+    trained: rundir.TrainedModel,
+    items: Sequence[predict_lib.InputImage],
+    batch_size: int,
+    read_threads: int = 8,
+    features: bool = False,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
+    """The model's raw outputs for unlabelled files, read exactly as ``predict`` reads them.
+
+    (:func:`predict_lib.decoded_batches`; ``evaluate --ood_images``.)
+
+    Returns:
+      ``(index, outputs, failures)``: ``[N]`` indices into ``items`` of the
+      images read, their outputs ``{key: [N, ...]}`` (with ``"features"``
+      when asked) and ``{item index: reason}`` of every image that could not
+      be read (empty ``index`` and ``outputs`` when none could).
+    """
+    size = trained.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+    def forward(pixels):
+        return trained.forward(tf.cast(pixels, tf.float32), features=features)
+
+    failures: dict[int, str] = {}
+    chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    for indices, pixels in predict_lib.decoded_batches(
+        items, size, batch_size, read_threads, failures
+    ):
+        chunks["index"].append(np.asarray(indices, np.int64))
+        for key, value in forward(pixels).items():
+            chunks[key].append(value.numpy())
+    if not chunks:
+        return np.zeros([0], np.int64), {}, failures
+    index = np.concatenate(chunks.pop("index"))
+    return index, {k: np.concatenate(v) for k, v in chunks.items()}, failures
 
 
 def evaluated_split(

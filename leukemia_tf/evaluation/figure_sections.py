@@ -1,7 +1,8 @@
 """The drawn sections of an evaluation: figures and explanation maps, as PNG files.
 
 :func:`figures_section` draws the confusion matrices, ROC curves and
-reliability diagram from the scored sections
+reliability diagram from the scored sections (and :func:`trust_figures` the
+risk-coverage curves of the trust scores)
 (:mod:`leukemia_tf.evaluation.sections`); :func:`explanations_section` draws
 Grad-CAM or attention-rollout maps of the sampled examples. Both write into
 a local folder and return the paths relative to it, as ``metrics.json``
@@ -95,6 +96,35 @@ def figures_section(
                 f"{key.capitalize()} level, mean probability (n={section['n_groups']})",
             )
     return paths
+
+
+def trust_figures(options: EvalOptions, selective: dict, out_dir: Path) -> dict[str, str]:
+    """The risk-coverage curves of every trust score (``risk_coverage.png``).
+
+    Returns:
+      ``{"risk_coverage": path relative to out_dir}``; empty when no score has a curve.
+    """
+    curves = {
+        f"{name} (AURC {row['aurc']:.4f})": row["curve"]
+        for name, row in selective["scores"].items()
+        if "curve" in row
+    }
+    if not curves:
+        return {}
+    referral = selective.get("referral") or {}
+    point = (
+        (referral["coverage"], referral["risk_accepted"])
+        if referral.get("available") and referral.get("risk_accepted") is not None
+        else None
+    )
+    path = figures_lib.risk_coverage_figure(
+        curves,
+        out_dir / "risk_coverage.png",
+        f"Risk-coverage curves, {options.split} (n={selective['n']})",
+        full_risk=1.0 - selective["accuracy"],
+        referral=point,
+    )
+    return {"risk_coverage": _relative(path, out_dir)}
 
 
 def _relative(path: str | os.PathLike, out_dir: Path) -> str:

@@ -166,6 +166,46 @@ def reliability_figure(
     return _save(figure, path)
 
 
+def risk_coverage_figure(
+    curves: dict[str, dict],
+    path: str | os.PathLike,
+    title: str = "",
+    full_risk: float | None = None,
+    referral: tuple[float, float] | None = None,
+) -> str:
+    """Risk (error rate of the accepted) against coverage (fraction accepted), per score.
+
+    Args:
+      curves: ``{legend label: {"coverage": [...], "risk": [...]}}`` (the
+        ``curve`` of :func:`leukemia_tf.evaluation.selective.summary`).
+      path: the PNG to write.
+      title: the title.
+      full_risk: the risk at full coverage, drawn as a dashed line.
+      referral: ``(coverage, risk)`` of the fitted referral, marked.
+    """
+    figure = Figure(figsize=(6.5, 5), layout="constrained")
+    ax = figure.subplots()
+    peak = 0.0
+    for label, curve in curves.items():
+        coverage = np.asarray(curve["coverage"], np.float64)
+        risk = np.asarray(curve["risk"], np.float64)
+        ax.plot(coverage, risk, lw=1.5, label=label)
+        if risk.size:
+            peak = max(peak, float(np.nanmax(risk)))
+    if full_risk is not None:
+        ax.axhline(full_risk, color="k", ls="--", lw=0.8, label=f"full coverage ({full_risk:.3f})")
+        peak = max(peak, full_risk)
+    if referral is not None and referral[1] is not None:
+        ax.plot(*referral, "k*", ms=12, label="fitted referral")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, max(peak * 1.1, 0.05))
+    ax.set_xlabel("Coverage (fraction of cells answered)")
+    ax.set_ylabel("Risk (error rate among the answered)")
+    ax.set_title(title or "Risk-coverage curves")
+    ax.legend(loc="best", fontsize=8)
+    return _save(figure, path)
+
+
 def explanation_figure(
     examples: dict[str, list[dict]],
     maps: dict[str, list[np.ndarray]],

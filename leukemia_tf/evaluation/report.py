@@ -340,6 +340,107 @@ def external_caveats(section: dict, group_ids: bool) -> list[str]:
     return out
 
 
+# ------------------------------------------- knowing when not to answer
+SELECTIVE_CONVENTION = (
+    "confidence = the score oriented so that higher is more trustworthy; the images are "
+    "accepted from the most confident down, ties together. Coverage: the fraction accepted; "
+    "risk: the error rate (1 - accuracy of the argmax class) among the accepted. AURC: the "
+    "area under the risk-coverage curve (lower is better); excess AURC: minus that of the "
+    "best possible ordering with the same errors"
+)
+HIERARCHY_CONVENTION = (
+    "mistake severity: the height of the lowest common ancestor (LCA) of the true and the "
+    "predicted class above the bottom level (1: siblings; the virtual root: the number of "
+    "levels), averaged over the errors; hierarchical distance@k: the mean LCA height of the "
+    "k most probable classes (a correct class counts 0). Hierarchical precision / recall: "
+    "each node with its ancestors, micro-averaged. Back-off: the top-down greedy walk stops "
+    "at the first level whose node probability is below that level's threshold and answers "
+    "the deepest node accepted (none: the image is referred); an answer is right when it is "
+    "the true node or an ancestor of it; specificity 1 - log(#classes under the answer) / "
+    "log(#classes) (a class: 1, no answer: 0)"
+)
+OOD_CONVENTION = (
+    "the evaluated images are the in-distribution (ID) set and the --ood_images the "
+    "out-of-distribution (OOD) set. AUROC: the chance that an OOD image is scored less "
+    "trustworthy than an ID image (0.5: no separation, 1: perfect; ties count half). FPR at "
+    "95% TPR: the fraction of OOD images still accepted at the threshold that accepts 95% of "
+    "the ID images (lower is better). Flagged: the fraction the fitted referral threshold "
+    "refers"
+)
+NO_TAXONOMY = "the run has no taxonomy (no mistake severity or hierarchical scores)"
+
+
+def trust_not_fitted(command: str) -> str:
+    """The run has no trust statistics: only the logit scores, no referral or back-off."""
+    return (
+        "No trust statistics for this model (trust.json: a run trained before they existed, or "
+        "never fitted): only the logit scores (max_probability, margin, energy) are reported, "
+        "without the feature scores (Mahalanobis, k-NN), the referral threshold or the fitted "
+        f"back-off. Fit them with `{command}` and evaluate again."
+    )
+
+
+def referral_not_fitted(command: str) -> str:
+    return (
+        "the trust statistics were fitted without a calibration (validation) split, so no "
+        f"referral threshold or back-off thresholds exist; refit with `{command} "
+        "--calibration_split=SPLIT`"
+    )
+
+
+def referral_rule(selection: dict) -> str:
+    """``refer when max_probability < 0.83`` (or: refer every image)."""
+    threshold = selection["threshold"]
+    if threshold is None:
+        return "refer every image (the fitted risk target is out of reach)"
+    higher = selection.get("higher_is_trust", True)
+    return f"refer when {selection['score']} {'<' if higher else '>'} {threshold:.6g}"
+
+
+def curve_without_validation(split: str, error) -> str:
+    return (
+        f"the validation split {split!r} could not be read ({error}), so no back-off "
+        "thresholds could be fitted per target accuracy"
+    )
+
+
+def curve_on_validation(split: str) -> str:
+    return (
+        f"the evaluated split is the validation split {split!r} itself: the thresholds are "
+        "fitted and scored on the same images, so the curve is optimistic"
+    )
+
+
+def trust_fitted_single_view(tta: bool, adapted: bool) -> str:
+    what = " and ".join(
+        x for x, on in (("test-time augmentation", tta), ("adapted BatchNorm", adapted)) if on
+    )
+    return (
+        f"The trust statistics and thresholds were fitted on the model without {what}; the "
+        "scores here are computed with it, so the fitted referral and back-off may not keep "
+        "their target coverage and accuracy."
+    )
+
+
+def ood_looks_like_class(folder: str, class_name: str, n_images: int) -> str:
+    return (
+        f"--ood_images: {n_images} images under '{folder}/' look like the model's own class "
+        f"'{class_name}': if they are, they are not out-of-distribution, and the OOD figures "
+        "understate how well the scores separate unseen inputs."
+    )
+
+
+def ood_unreadable(n_unreadable: int, n_images: int) -> str:
+    return (
+        f"{n_unreadable} of the {n_images} --ood_images files could not be read and are not "
+        "scored (listed in metrics.json under ood.unreadable)."
+    )
+
+
+def ood_score_not_finite(name: str, n_id: int, n_ood: int) -> str:
+    return f"{name}: {n_id} ID and {n_ood} OOD scores are not finite"
+
+
 _HEADLINE_NAMES = {
     "accuracy": "Accuracy",
     "balanced_accuracy": "Balanced accuracy (mean sensitivity)",
@@ -528,6 +629,9 @@ def render(result: dict) -> str:
         lines += _levels_section(levels, figures)
     for key in ("slide", "patient"):
         lines += _group_section(key, result[key], names, figures)
+
+    if result.get("selective"):
+        lines += _trust_section(result, names, figures)
 
     explanations = result["explanations"]
     lines += ["## Explanations", ""]
@@ -773,4 +877,220 @@ def _external_section(external: dict) -> list[str]:
                 [[_HEADLINE_NAMES[k], _fmt(k, head[k])] for k in _HEADLINE_NAMES],
             ),
         ]
+    return lines
+
+
+def _coverage_cells(summary: dict, key: str) -> list[str]:
+    at = summary.get("at_coverage", {})
+    return [_pct((at.get(f"{c:g}") or {}).get(key)) for c in (0.8, 0.9, 0.95)]
+
+
+def _trust_section(result: dict, names: Sequence[str], figures: dict) -> list[str]:
+    """``## Knowing when not to answer``: selective scores, referral, back-off, OOD."""
+    selective, hierarchy, ood = result["selective"], result.get("hierarchy"), result.get("ood")
+    lines = [
+        "## Knowing when not to answer",
+        "",
+        f"Each image gets trust scores; {selective['convention']}.",
+        "",
+    ]
+    if not selective["trust_fitted"]:
+        lines += [f"> {trust_not_fitted(selective['fit_command'])}", ""]
+    rows = []
+    for name, row in selective["scores"].items():
+        if "error" in row:
+            rows.append([name, "higher" if row["higher_is_trust"] else "lower", row["error"]])
+            continue
+        rows.append(
+            [
+                f"**{name}**" if name == selective["best_score"] else name,
+                "higher" if row["higher_is_trust"] else "lower",
+                _num(row["aurc"], 4),
+                _num(row["excess_aurc"], 4),
+                *_coverage_cells(row, "accuracy"),
+                _pct(row["accuracy"]),
+            ]
+        )
+    lines += _table(
+        [
+            "Score",
+            "Trusted when",
+            "AURC",
+            "Excess AURC",
+            "Accuracy at 80%",
+            "at 90%",
+            "at 95%",
+            "at 100% coverage",
+        ],
+        rows,
+    )
+    if selective["best_score"]:
+        lines += [f"Lowest AURC: **{selective['best_score']}**.", ""]
+    _image(lines, figures, "risk_coverage", "risk-coverage curves")
+
+    referral = selective["referral"]
+    lines += ["### Referral", ""]
+    if not referral.get("available"):
+        lines += [f"No referral: {referral['reason']}", ""]
+    else:
+        fitted = (
+            f"coverage {_pct(referral['target_value'])}"
+            if referral["target"] == "coverage"
+            else f"risk at most {_pct(referral['target_value'])}"
+        )
+        ratio = referral["risk_ratio"]
+        lines += [
+            f"Fitted rule: {referral['rule']} (fitted on `{referral['fitted_on']}` for {fitted}). "
+            f"On these images it refers {referral['n_referred']} of {referral['n']} "
+            f"({_pct(referral['fraction_referred'])}); the risk among the accepted is "
+            f"{_pct(referral['risk_accepted'])} against {_pct(referral['full_coverage_risk'])} "
+            "at full coverage" + ("" if ratio is None else f" (ratio {ratio:.2f})") + ".",
+            "",
+        ]
+    group_rows = []
+    for key in ("slide", "patient"):
+        group = selective.get(key) or {}
+        if not group.get("available"):
+            continue
+        group_rows.append(
+            [
+                key,
+                str(group["n_groups"]),
+                f"{group['n_referred']} ({_pct(1 - group['coverage'])})",
+                _pct(group["accuracy"]),
+                _pct(group["full_coverage_accuracy"]),
+            ]
+        )
+    if group_rows:
+        lines += [
+            f"A slide or patient is referred when more than "
+            f"{_pct(referral['max_referred_fraction'])} of its cells are; an accepted one is "
+            "decided by the mean probability of its accepted cells.",
+            "",
+            *_table(
+                ["Level", "Groups", "Referred", "Accuracy (accepted)", "Accuracy (all, mean)"],
+                group_rows,
+            ),
+        ]
+
+    if hierarchy:
+        lines += _hierarchy_lines(hierarchy)
+    if ood:
+        lines += _ood_lines(ood)
+    return lines
+
+
+def _hierarchy_lines(hierarchy: dict) -> list[str]:
+    lines = ["### Mistakes and back-off", "", f"Conventions: {hierarchy['convention']}.", ""]
+    severity = hierarchy.get("mistake_severity")
+    if severity:
+        distance = hierarchy["hierarchical_distance"]
+        prf = hierarchy["hierarchical_prf"]
+        histogram = ", ".join(f"height {h}: {n}" for h, n in severity["histogram"].items())
+        lines += _table(
+            ["Mistake severity", "Value"],
+            [
+                ["Errors", f"{severity['n_errors']} of {severity['n']}"],
+                ["Mean LCA height of the errors", _num(severity["mean_lca_height"], 2)],
+                ["Errors by LCA height", histogram or "none"],
+                ["Hierarchical distance@1", _num(distance["at_1"], 3)],
+                ["Hierarchical distance@3", _num(distance["at_3"], 3)],
+                [
+                    "Hierarchical precision / recall / F1",
+                    " / ".join(_pct(prf[k]) for k in ("precision", "recall", "f1")),
+                ],
+            ],
+        )
+    elif hierarchy.get("reason"):
+        lines += [f"No mistake severity: {hierarchy['reason']}.", ""]
+    backoff = hierarchy["backoff"]
+    tree = "the taxonomy" if backoff["tree"] == "taxonomy" else "the classes (one level)"
+    summary = backoff.get("summary")
+    if summary:
+        fitted = backoff["fitted"]
+        thresholds = ", ".join(
+            f"level {k}: {'never' if t is None else f'{t:.4g}'}"
+            for k, t in enumerate(fitted["thresholds"] or [])
+        )
+        lines += [
+            f"Back-off over {tree}, thresholds fitted on `{fitted['fitted_on']}` for accuracy "
+            f"{_pct(fitted['accuracy'])} per level ({thresholds}):",
+            "",
+            *_table(
+                [
+                    "Accuracy (answered)",
+                    "Mean specificity",
+                    "Abstained",
+                    *[f"Answered to level {k}" for k in range(len(summary["answered_at_level"]))],
+                ],
+                [
+                    [
+                        _pct(summary["accuracy"]),
+                        _num(summary["mean_specificity"]),
+                        f"{summary['abstained']} ({_pct(summary['abstained_fraction'])})",
+                        *[_pct(v) for v in summary["answered_at_level"]],
+                    ]
+                ],
+            ),
+        ]
+    else:
+        lines += [f"No fitted back-off: {backoff.get('reason')}", ""]
+    curve = hierarchy["accuracy_specificity"]
+    if curve.get("curve"):
+        lines += [
+            f"Accuracy-specificity curve over {tree}: thresholds fitted on `{curve['fitted_on']}` "
+            f"({curve['n_fit']} images) for each target accuracy, applied to these images.",
+            "",
+        ]
+        if curve.get("note"):
+            lines += [f"Note: {curve['note']}.", ""]
+        lines += _table(
+            ["Target accuracy", "Accuracy (answered)", "Mean specificity", "Abstained"],
+            [
+                [
+                    _pct(point["target_accuracy"]),
+                    _pct(point["accuracy"]),
+                    _num(point["mean_specificity"]),
+                    _pct(point["abstained_fraction"]),
+                ]
+                for point in curve["curve"]
+            ],
+        )
+    else:
+        lines += [f"No accuracy-specificity curve: {curve.get('reason')}.", ""]
+    return lines
+
+
+def _ood_lines(ood: dict) -> list[str]:
+    lines = [
+        "### Out-of-distribution images",
+        "",
+        f"{ood['n_scored']} of the {ood['n_images']} images of `{ood['source']}` scored "
+        f"({ood['n_unreadable']} unreadable) against the {ood['n_id']} evaluated images. "
+        f"Conventions: {ood['convention']}.",
+        "",
+    ]
+    for warning in ood.get("warnings", []):
+        lines += [f"> **Warning:** {warning}", ""]
+    if ood.get("note"):
+        lines += [f"> {ood['note']}", ""]
+    rows = []
+    for name, row in ood["scores"].items():
+        if "error" in row:
+            rows.append([name, row["error"], "", ""])
+            continue
+        flagged = (
+            f"{_pct(row['flagged_ood'])} (ID: {_pct(row['flagged_id'])})"
+            if "flagged_ood" in row
+            else ""
+        )
+        label = f"**{name}**" if name == ood["best_score"] else name
+        rows.append([label, _num(row["auroc"]), _pct(row["fpr_at_95_tpr"]), flagged])
+    lines += _table(["Score", "AUROC", "FPR at 95% TPR", "Flagged by the referral"], rows)
+    if ood.get("best_score"):
+        lines += [f"Best separating score: **{ood['best_score']}**.", ""]
+    if ood["unreadable"]:
+        lines += ["Unreadable:", ""]
+        lines += [f"- `{path}`: {reason}" for path, reason in ood["unreadable"][:MAX_GROUP_ROWS]]
+        lines += [""]
     return lines

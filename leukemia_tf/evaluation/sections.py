@@ -8,7 +8,9 @@ its part of ``metrics.json``:
   (resampling whole patients, else slides, else cells);
 * :func:`calibration_section`: the temperature (fitted on the validation
   split and stored with the model when safe, else the stored one) and ECE /
-  NLL before and after;
+  NLL before and after; the validation split is read once
+  (:func:`validation_pass`) for it and for the back-off curve of
+  :mod:`leukemia_tf.evaluation.trust_sections`;
 * :func:`levels_section`: scores per taxonomy level;
 * :func:`group_sections`: slide and patient level (mean probability and
   majority vote) wherever the split carries those ids;
@@ -37,6 +39,7 @@ from leukemia_tf.evaluation import calibration as calibration_lib
 from leukemia_tf.evaluation import levels as levels_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
 from leukemia_tf.evaluation import report as report_lib
+from leukemia_tf.evaluation import trust_sections
 from leukemia_tf.evaluation.predictions import (
     EvaluatedSplit,
     SplitPredictions,
@@ -44,7 +47,9 @@ from leukemia_tf.evaluation.predictions import (
     flag_split_names,
     predict_split,
 )
+from leukemia_tf.evaluation.trust_sections import ValidationPass
 from leukemia_tf.models.heads import level_key
+from leukemia_tf.models.trust import FEATURES
 
 if TYPE_CHECKING:
     # Annotations only: evaluate_lib builds the options and imports this module.
@@ -94,7 +99,8 @@ def _fit_temperature(
     trained: rundir.TrainedModel, predictions: SplitPredictions
 ) -> tuple[float, float, float]:
     """Fits T on ``predictions``; returns ``(T, nll at T=1, nll at T)``."""
-    outputs = {k: tf.constant(v) for k, v in predictions.outputs.items()}
+    # Without the pooled features (kept for the trust scores): every NLL would rescale them.
+    outputs = {k: tf.constant(v) for k, v in predictions.outputs.items() if k != FEATURES}
     labels = predictions.labels
 
     def nll(temperature: float) -> float:
@@ -105,7 +111,35 @@ def _fit_temperature(
     return temperature, nll(1.0), nll(temperature)
 
 
-def _temperature(options: EvalOptions, ev: EvaluatedSplit) -> tuple[float, dict, list[str]]:
+def validation_pass(options: EvalOptions, ev: EvaluatedSplit) -> ValidationPass:
+    """The model over the run's validation split, once: the temperature fit and the back-off curve.
+
+    The evaluated split's own pass is reused when it is the validation split;
+    the pooled features are kept when the run's trust statistics are fitted.
+    Never raises: a split that cannot be read is returned with its error.
+    """
+    trained = ev.trained
+    val_split = trained.config.val_split or "validation"
+    if val_split == options.split:
+        return ValidationPass(val_split, ev.predictions, is_evaluated=True)
+    try:
+        check_split(ev.specs, val_split, ev.data_dir)
+        predictions = predict_split(
+            trained,
+            ev.specs,
+            val_split,
+            ev.data_dir,
+            options.batch_size,
+            features=trust_sections.needs_features(trained),
+        )
+    except (ValueError, FileNotFoundError) as e:
+        return ValidationPass(val_split, None, e)
+    return ValidationPass(val_split, predictions)
+
+
+def _temperature(
+    options: EvalOptions, ev: EvaluatedSplit, validation: ValidationPass | None = None
+) -> tuple[float, dict, list[str]]:
     """The temperature of the calibrated figures: fitted on the validation split, or stored.
 
     With ``options.fit_temperature`` it is fitted on the model's validation
@@ -126,16 +160,16 @@ def _temperature(options: EvalOptions, ev: EvaluatedSplit) -> tuple[float, dict,
             fields,
             [report_lib.temperature_not_refitted(trained.temperature)],
         )
-    val_split = trained.config.val_split or "validation"
-    try:
-        check_split(ev.specs, val_split, ev.data_dir)
-        validation = (
-            ev.predictions
-            if val_split == options.split
-            else predict_split(trained, ev.specs, val_split, ev.data_dir, options.batch_size)
+    if validation is None:
+        validation = validation_pass(options, ev)
+    val_split = validation.split
+    if validation.predictions is None:
+        return (
+            trained.temperature,
+            fields,
+            [report_lib.temperature_unusable(val_split, validation.error)],
         )
-    except (ValueError, FileNotFoundError) as e:
-        return trained.temperature, fields, [report_lib.temperature_unusable(val_split, e)]
+    validation = validation.predictions
 
     notes = []
     temperature, nll_before, nll_after = _fit_temperature(trained, validation)
@@ -173,13 +207,21 @@ def _temperature(options: EvalOptions, ev: EvaluatedSplit) -> tuple[float, dict,
     return temperature, fields, notes
 
 
-def calibration_section(options: EvalOptions, ev: EvaluatedSplit) -> tuple[dict, list[str]]:
+def calibration_section(
+    options: EvalOptions, ev: EvaluatedSplit, validation: ValidationPass | None = None
+) -> tuple[dict, list[str]]:
     """ECE, NLL and reliability bins before and after temperature scaling.
+
+    Args:
+      options: the evaluation's options.
+      ev: the evaluated split.
+      validation: :func:`validation_pass`, when the caller has read it
+        already (it is read here otherwise, if the temperature is fitted).
 
     Returns:
       ``(section, notes)``: the ``calibration`` section and notes for the caveats.
     """
-    temperature, fields, notes = _temperature(options, ev)
+    temperature, fields, notes = _temperature(options, ev, validation)
     labels = ev.y_true
     raw = ev.probs
     scaled = ev.trained.label_space.probabilities(ev.predictions.outputs, temperature).numpy()
