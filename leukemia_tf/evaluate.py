@@ -192,6 +192,11 @@ def _trust_lines(result: dict) -> list[str]:
                     f"    {score}: AUROC {_fmt(entry['auroc'])}, FPR at 95% TPR "
                     f"{_fmt(entry['fpr_at_95_tpr'])}"
                 )
+        if ood.get("n_referred") is not None:
+            lines.append(
+                f"    referral refers {ood['fraction_referred']:.1%} of them "
+                f"(evaluated images: {ood['id_fraction_referred']:.1%})"
+            )
         for warning in ood["warnings"]:
             lines.append(f"  warning: {warning}")
     return lines

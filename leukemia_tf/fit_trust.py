@@ -52,6 +52,18 @@ _SELECTION_SCORE = flags.DEFINE_string(
     "max_probability",
     "Score that decides referral: max_probability, margin, energy, mahalanobis or knn_distance.",
 )
+_OOD_SCORE = flags.DEFINE_string(
+    "ood_score",
+    "mahalanobis",
+    "Out-of-distribution gate: an image whose score is beyond what --ood_acceptance of the "
+    "calibration images reach is referred whatever its probabilities (another laboratory's "
+    "images, other cell types). One of the trust scores; empty: no gate.",
+)
+_OOD_ACCEPTANCE = flags.DEFINE_float(
+    "ood_acceptance",
+    0.99,
+    "Fraction of the calibration split the out-of-distribution gate lets through, in (0, 1].",
+)
 _BACKOFF_ACCURACY = flags.DEFINE_float(
     "backoff_accuracy",
     0.95,
@@ -87,6 +99,8 @@ def main(argv: Sequence[str]) -> None:
             _BACKOFF_ACCURACY.value,
             _MAX_REFERRED_FRACTION.value,
             _SELECTION_SCORE.value,
+            _OOD_SCORE.value,
+            _OOD_ACCEPTANCE.value,
         )
         stats = trust_lib.fit(
             given,
@@ -96,6 +110,8 @@ def main(argv: Sequence[str]) -> None:
             target_coverage=_TARGET_COVERAGE.value,
             max_risk=_MAX_RISK.value,
             selection_score=_SELECTION_SCORE.value,
+            ood_score=_OOD_SCORE.value,
+            ood_acceptance=_OOD_ACCEPTANCE.value,
             backoff_accuracy=_BACKOFF_ACCURACY.value,
             max_referred_fraction=_MAX_REFERRED_FRACTION.value,
             knn_k=_KNN_K.value,

@@ -33,6 +33,8 @@ DEFAULT_TARGET_COVERAGE = 0.9
 DEFAULT_BACKOFF_ACCURACY = 0.95
 DEFAULT_MAX_REFERRED_FRACTION = 0.5
 DEFAULT_SELECTION_SCORE = "max_probability"
+DEFAULT_OOD_SCORE = "mahalanobis"
+DEFAULT_OOD_ACCEPTANCE = 0.99
 
 
 def check_options(
@@ -41,6 +43,8 @@ def check_options(
     backoff_accuracy: float,
     max_referred_fraction: float,
     selection_score: str,
+    ood_score: str = DEFAULT_OOD_SCORE,
+    ood_acceptance: float = DEFAULT_OOD_ACCEPTANCE,
 ) -> None:
     """Every option check that needs no model (flag names in the messages).
 
@@ -60,6 +64,10 @@ def check_options(
     if not 0.0 <= float(max_referred_fraction) < 1.0:
         raise ValueError(f"--max_referred_fraction={max_referred_fraction}: must be in [0, 1)")
     trust.check_score(selection_score)
+    if ood_score:
+        trust.check_score(ood_score, "--ood_score")
+    if not 0.0 < float(ood_acceptance) <= 1.0:
+        raise ValueError(f"--ood_acceptance={ood_acceptance}: must be in (0, 1]")
 
 
 def scores_of(
@@ -115,6 +123,8 @@ def fit(
     target_coverage: float | None = None,
     max_risk: float | None = None,
     selection_score: str = DEFAULT_SELECTION_SCORE,
+    ood_score: str = DEFAULT_OOD_SCORE,
+    ood_acceptance: float = DEFAULT_OOD_ACCEPTANCE,
     backoff_accuracy: float = DEFAULT_BACKOFF_ACCURACY,
     max_referred_fraction: float = DEFAULT_MAX_REFERRED_FRACTION,
     knn_k: int = trust.DEFAULT_KNN_K,
@@ -134,6 +144,12 @@ def fit(
         0.9 when ``max_risk`` is not given).
       max_risk: largest error rate allowed among the accepted images instead.
       selection_score: the score that decides referral (:data:`trust.SCORES`).
+      ood_score: the out-of-distribution gate: an image whose score is beyond
+        what ``ood_acceptance`` of the calibration images reach is referred
+        whatever its probabilities (``""``: no gate). The selection threshold
+        is then fitted on the images the gate accepts, so that the two
+        together meet ``target_coverage``.
+      ood_acceptance: the fraction of calibration images the gate accepts.
       backoff_accuracy: the accuracy each back-off level must reach.
       max_referred_fraction: a slide or patient is referred when more than
         this fraction of its cells is.
@@ -194,13 +210,29 @@ def fit(
             {k: v for k, v in calibration.outputs.items() if k != trust.FEATURES}, 1.0
         ).numpy()
         correct = probs.argmax(axis=1) == calibration.labels
+        passed = np.ones(len(correct), bool)
+        ood_threshold = None
+        if ood_score:
+            gate = selective.fit_threshold(
+                np.ones(len(correct), bool),
+                confidence(scores, ood_score),
+                target_coverage=ood_acceptance,
+            )
+            passed = selective.accept(confidence(scores, ood_score), gate["threshold"])
+            ood_threshold = gate["threshold"]
+            if not trust.HIGHER_IS_TRUST[ood_score]:
+                ood_threshold = -ood_threshold
+        within = target_coverage
+        if target_coverage is not None:
+            within = min(1.0, target_coverage / max(passed.mean(), 1e-12))
         fitted_threshold = selective.fit_threshold(
-            correct,
-            confidence(scores, selection_score),
-            target_coverage=target_coverage,
+            correct[passed],
+            confidence(scores, selection_score)[passed],
+            target_coverage=within,
             max_risk=max_risk,
         )
         threshold = fitted_threshold["threshold"]
+        accepted = passed & selective.accept(confidence(scores, selection_score), threshold)
         if threshold is not None and not trust.HIGHER_IS_TRUST[selection_score]:
             threshold = -threshold
         stats.selection = {
@@ -212,8 +244,11 @@ def fit(
             "max_referred_fraction": float(max_referred_fraction),
             "split": calibration_split,
             "n": len(calibration),
-            "coverage": fitted_threshold["coverage"],
-            "risk": fitted_threshold["risk"],
+            "ood_score": ood_score or None,
+            "ood_threshold": ood_threshold,
+            "ood_acceptance": float(ood_acceptance) if ood_score else None,
+            "coverage": float(accepted.mean()),
+            "risk": float(1.0 - correct[accepted].mean()) if accepted.any() else None,
         }
         tree = trust.backoff_tree(trained.label_space)
         level_probs = level_probabilities_of(calibration.outputs, trained)
@@ -270,6 +305,13 @@ def summary(model_dir: str, stats: trust.TrustStatistics) -> str:
             f"level {k}: {'never' if t is None else f'{t:.4g}'}"
             for k, t in enumerate(backoff["thresholds"])
         )
+        if selection.get("ood_score"):
+            lines.append(
+                f"  out-of-distribution gate: {selection['ood_score']} "
+                f"{'<' if trust.HIGHER_IS_TRUST[selection['ood_score']] else '>'} "
+                f"{selection['ood_threshold']:.6g} also refers (accepts "
+                f"{selection['ood_acceptance']:g} of {selection['split']!r})"
+            )
         lines.append(
             f"  back-off for accuracy {backoff['accuracy']:g} ({backoff['tree']}): {shown}"
         )

@@ -95,6 +95,7 @@ def test_folder_predictions_and_errors(trained_flat_model_dir, image_folder, tmp
         "energy",
         "mahalanobis",
         "knn_distance",
+        "out_of_distribution",
         "referred",
         "predicted_node",
     ]

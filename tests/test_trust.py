@@ -182,6 +182,10 @@ def test_training_fits_trust_and_refit_changes_the_referral(trained_flat_model_d
     assert record["selection"]["score"] == "max_probability"
     assert record["selection"]["target"] == "coverage" and record["selection"]["value"] == 0.9
     assert record["selection"]["coverage"] >= 0.9
+    # The out-of-distribution gate, fitted to let 99 % of the validation images through.
+    assert record["selection"]["ood_score"] == "mahalanobis"
+    assert record["selection"]["ood_acceptance"] == 0.99
+    assert record["selection"]["ood_threshold"] > 0
     assert len(record["backoff"]["thresholds"]) == 1  # native labels: one level (the classes)
     trained = rundir.load_trained_model(run)
     assert trained.trust is not None and trained.trust.selection["threshold"] is not None
@@ -300,3 +304,23 @@ def test_fit_trust_command_line(trained_flat_model_dir, tmp_path):
     assert "referral: knn_distance >" in good.stdout
     record = json.loads((run / trust.TRUST_FILE).read_text())
     assert record["selection"]["value"] == 0.5
+
+
+def test_out_of_distribution_gate_refers_confident_but_unfamiliar_images():
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(100, 4)).astype("float32")
+    label_space = LabelSpace(["a", "b"], "flat", None)
+    stats = trust.fit_feature_statistics(features, np.arange(100) % 2, label_space.class_names)
+    stats.selection = {
+        "score": "max_probability",
+        "threshold": 0.6,
+        "ood_score": "mahalanobis",
+        "ood_threshold": 30.0,
+    }
+    logits = tf.constant([[5.0, 0.0], [0.1, 0.0], [5.0, 0.0]])
+    batch = tf.constant(np.stack([features[0], features[1], features[2] + 40.0]))
+    out = trust.trust_outputs({"logits": logits, trust.FEATURES: batch}, label_space, stats)
+    # Sure and familiar: answered; unsure: referred; sure but far from every class: referred.
+    assert out[trust.OUT_OF_DISTRIBUTION].numpy().tolist() == [False, False, True]
+    assert out[trust.REFERRED].numpy().tolist() == [False, True, True]
+    assert trust.output_keys(stats)[-2:] == [trust.OUT_OF_DISTRIBUTION, trust.REFERRED]

@@ -394,7 +394,18 @@ def referral_rule(selection: dict) -> str:
     if threshold is None:
         return "refer every image (the fitted risk target is out of reach)"
     higher = selection.get("higher_is_trust", True)
-    return f"refer when {selection['score']} {'<' if higher else '>'} {threshold:.6g}"
+    rule = f"refer when {selection['score']} {'<' if higher else '>'} {threshold:.6g}"
+    gate = selection.get("ood_score")
+    if gate and selection.get("ood_threshold") is not None:
+        from leukemia_tf.models.trust import HIGHER_IS_TRUST
+
+        sign = "<" if HIGHER_IS_TRUST[gate] else ">"
+        rule += (
+            f" (uncertain) or when {gate} {sign} {selection['ood_threshold']:.6g} "
+            f"(out of distribution: beyond {_pct(selection.get('ood_acceptance'))} of the "
+            "validation images)"
+        )
+    return rule
 
 
 def curve_without_validation(split: str, error) -> str:
@@ -1087,6 +1098,14 @@ def _ood_lines(ood: dict) -> list[str]:
         label = f"**{name}**" if name == ood["best_score"] else name
         rows.append([label, _num(row["auroc"]), _pct(row["fpr_at_95_tpr"]), flagged])
     lines += _table(["Score", "AUROC", "FPR at 95% TPR", "Flagged by the referral"], rows)
+    if ood.get("n_referred") is not None:
+        lines += [
+            f"The fitted referral (uncertain or out of distribution) refers "
+            f"{ood['n_referred']} of these {ood['n_scored']} images "
+            f"({_pct(ood['fraction_referred'])}), against {_pct(ood['id_fraction_referred'])} "
+            "of the evaluated images.",
+            "",
+        ]
     if ood.get("best_score"):
         lines += [f"Best separating score: **{ood['best_score']}**.", ""]
     if ood["unreadable"]:

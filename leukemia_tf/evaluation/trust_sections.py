@@ -449,6 +449,9 @@ def ood_section(ev: EvaluatedSplit, id_scores: dict, ood: OodImages) -> tuple[di
     thresholds = None
     if selection is not None and selection["score"] in names:
         thresholds = {selection["score"]: selection["threshold"]}
+        gate = selection.get("ood_score")
+        if gate in names and gate != selection["score"]:
+            thresholds[gate] = selection.get("ood_threshold")
     table = (
         ood_lib.table(
             {n: id_scores[n] for n in names},
@@ -486,6 +489,12 @@ def ood_section(ev: EvaluatedSplit, id_scores: dict, ood: OodImages) -> tuple[di
         "selection_score": None if selection is None else selection["score"],
         "n_referred": int(np.asarray(ood.scores[trust.REFERRED], bool).sum())
         if trust.REFERRED in ood.scores
+        else None,
+        "fraction_referred": float(np.asarray(ood.scores[trust.REFERRED], bool).mean())
+        if trust.REFERRED in ood.scores
+        else None,
+        "id_fraction_referred": float(np.asarray(id_scores[trust.REFERRED], bool).mean())
+        if trust.REFERRED in id_scores
         else None,
         "class_name_folders": folders,
         "warnings": warnings,

@@ -27,9 +27,13 @@ The feature statistics and the thresholds (:class:`TrustStatistics`) are
 fitted after training by :mod:`leukemia_tf.trust_lib` and stored in the run
 directory (``trust.json`` and ``trust_features.npz``).
 
-Referral: an image is *referred* (left to a human) when its selection score
-is on the wrong side of the threshold fitted on the validation split for a
-target coverage or a maximum risk.
+Referral: an image is *referred* (left to a human) when it is *uncertain*
+(its selection score is on the wrong side of the threshold fitted on the
+validation split for a target coverage or a maximum risk) or *unfamiliar*
+(``out_of_distribution``: its out-of-distribution gate score, by default the
+Mahalanobis distance, is beyond what a stated fraction of the validation
+images reach). The gate catches what the probabilities cannot: another
+laboratory's images, on which a model can be confidently wrong.
 
 Back-off: the top-down greedy walk down the taxonomy (at each level the most
 probable child of the node chosen above) stops at the first level whose
@@ -74,6 +78,7 @@ SCORES = tuple(HIGHER_IS_TRUST)
 
 #: Serving / predict output names of the decisions.
 REFERRED = "referred"
+OUT_OF_DISTRIBUTION = "out_of_distribution"
 PREDICTED_NODE = "predicted_node"
 PREDICTED_NODE_PROBABILITY = "predicted_node_probability"
 
@@ -340,14 +345,14 @@ def trust_outputs(
         return out
     out.update(feature_scores(outputs[FEATURES], stats))
     if stats.selection is not None:
-        score = out[stats.selection["score"]]
-        threshold = stats.selection["threshold"]
-        if threshold is None:
-            out[REFERRED] = tf.ones_like(score, tf.bool)
-        elif HIGHER_IS_TRUST[stats.selection["score"]]:
-            out[REFERRED] = score < float(threshold)
-        else:
-            out[REFERRED] = score > float(threshold)
+        selection = stats.selection
+        referred = _rejected(out[selection["score"]], selection["score"], selection["threshold"])
+        gate = selection.get("ood_score")
+        if gate:
+            unfamiliar = _rejected(out[gate], gate, selection["ood_threshold"])
+            out[OUT_OF_DISTRIBUTION] = unfamiliar
+            referred |= unfamiliar
+        out[REFERRED] = referred
     if stats.backoff is not None:
         tree = backoff_tree(label_space)
         names, probability = backoff_nodes(
@@ -358,6 +363,15 @@ def trust_outputs(
     return out
 
 
+def _rejected(score: tf.Tensor, name: str, threshold: float | None) -> tf.Tensor:
+    """``[B]`` bool: the score is on the untrustworthy side of ``threshold`` (None: all)."""
+    if threshold is None:
+        return tf.ones_like(score, tf.bool)
+    if HIGHER_IS_TRUST[name]:
+        return score < float(threshold)
+    return score > float(threshold)
+
+
 def output_keys(stats: TrustStatistics | None) -> list[str]:
     """The names :func:`trust_outputs` returns, in order."""
     keys = list(LOGIT_SCORES)
@@ -365,6 +379,8 @@ def output_keys(stats: TrustStatistics | None) -> list[str]:
         return keys
     keys += list(FEATURE_SCORES)
     if stats.selection is not None:
+        if stats.selection.get("ood_score"):
+            keys.append(OUT_OF_DISTRIBUTION)
         keys.append(REFERRED)
     if stats.backoff is not None:
         keys += [PREDICTED_NODE, PREDICTED_NODE_PROBABILITY]
