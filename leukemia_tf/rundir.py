@@ -466,7 +466,11 @@ def write_temperature(model_dir: str | os.PathLike, temperature: float, **extra)
 
 
 def load_trained_model(
-    model_dir: str | os.PathLike, which: str = "best", float32: bool = True, tta: bool = False
+    model_dir: str | os.PathLike,
+    which: str = "best",
+    float32: bool = True,
+    tta: bool = False,
+    trust: bool = True,
 ) -> TrainedModel:
     """Loads a trained model from ``model_dir``.
 
@@ -476,9 +480,13 @@ def load_trained_model(
       float32: rebuild the model under the float32 policy (whatever precision
         it was trained in) and copy the weights: what evaluation and export use.
       tta: predict with test-time augmentation (:attr:`TrainedModel.tta`).
+      trust: load the run's trust statistics (:attr:`TrainedModel.trust`);
+        False when about to (re)fit them.
 
     Raises:
       FileNotFoundError: ``model_dir`` is not a finished or checkpointed run.
+      trust.TrustNotFittedError: the trust statistics were fitted on an
+        earlier version of the model file (naming the command that refits them).
     """
     model_dir = check_model_dir(model_dir)
     config = read_config(model_dir)
@@ -508,7 +516,7 @@ def load_trained_model(
         taxonomy=taxonomy,
         temperature=read_temperature(model_dir),
         tta=tta,
-        trust=trust_lib.load(model_dir, path),
+        trust=trust_lib.load(model_dir, path) if trust else None,
     )
 
 

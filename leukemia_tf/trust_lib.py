@@ -171,7 +171,8 @@ def fit(
     if target_coverage is None and max_risk is None:
         target_coverage = DEFAULT_TARGET_COVERAGE
     model_dir = rundir.check_model_dir(model_dir)
-    trained = rundir.load_trained_model(model_dir, which=which, float32=True)
+    # Not the stored statistics: they may be stale (a resumed run), and are being replaced.
+    trained = rundir.load_trained_model(model_dir, which=which, float32=True, trust=False)
     config = trained.config
     data_dir = data_dir or config.data_dir or None
     specs = names.parse_datasets(config.datasets)

@@ -203,6 +203,11 @@ def test_training_fits_trust_and_refit_changes_the_referral(trained_flat_model_d
     best.write_bytes(best.read_bytes() + b"\0")
     with pytest.raises(trust.TrustNotFittedError, match="python -m leukemia_tf.fit_trust"):
         trust.load(str(run), str(best))
+    with pytest.raises(trust.TrustNotFittedError, match="python -m leukemia_tf.fit_trust"):
+        rundir.load_trained_model(run)
+    # Refitting (as the end of a resumed training does) replaces the stale statistics.
+    trust_lib.fit(run)
+    assert rundir.load_trained_model(run).trust is not None
 
 
 def _folder(root: Path, n: int) -> Path:
