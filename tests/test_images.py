@@ -568,3 +568,15 @@ def test_no_real_image_is_refused(name):
         if problem:
             refused.append(f"serving: {path}: {problem}")
     assert not refused, "\n".join(refused)
+
+
+def test_image_files_under_follows_folder_links_once(tmp_path):
+    data = tmp_path / "data" / "erythroblast"
+    data.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "a.png")
+    (data / "notes.txt").write_text("not an image")
+    view = tmp_path / "view"
+    view.mkdir()
+    (view / "erythroblast").symlink_to(data, target_is_directory=True)
+    (view / "loop").symlink_to(view, target_is_directory=True)  # a cycle ends
+    assert images.image_files_under(view) == [str(view / "erythroblast" / "a.png")]

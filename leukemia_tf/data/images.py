@@ -93,13 +93,20 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def image_files_under(folder: str | os.PathLike) -> list[str]:
-    """Every image file below ``folder`` (recursive, :func:`is_image_file`), sorted."""
-    return sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if is_image_file(name)
-    )
+    """Every image file below ``folder`` (recursive, :func:`is_image_file`), sorted.
+
+    Links to folders are followed (a data set assembled from links to class
+    folders), each real folder read once, so a link cycle ends.
+    """
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [os.path.join(root, name) for name in names if is_image_file(name)]
+    return sorted(found)
 
 
 def too_large_reason(width: int, height: int) -> str:
