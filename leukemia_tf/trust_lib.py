@@ -94,8 +94,8 @@ def level_probabilities_of(
     outputs: dict[str, np.ndarray], trained: rundir.TrainedModel
 ) -> list[np.ndarray]:
     """:func:`trust.level_probabilities` of numpy outputs (numpy out)."""
-    model_outputs = {k: tf.constant(v) for k, v in outputs.items() if k != trust.FEATURES}
-    return [p.numpy() for p in trust.level_probabilities(model_outputs, trained.label_space)]
+    logits = {k: tf.constant(v) for k, v in trained.label_space.own_outputs(outputs).items()}
+    return [p.numpy() for p in trust.level_probabilities(logits, trained.label_space)]
 
 
 def true_levels_of(labels: np.ndarray, levels: np.ndarray | None, trained) -> np.ndarray:
@@ -207,9 +207,7 @@ def fit(
             trained, specs, calibration_split, data_dir, batch_size, features=True
         )
         scores = scores_of(calibration.outputs, trained, stats)
-        probs = trained.label_space.probabilities(
-            {k: v for k, v in calibration.outputs.items() if k != trust.FEATURES}, 1.0
-        ).numpy()
+        probs = trained.label_space.probabilities(calibration.outputs, 1.0).numpy()
         correct = probs.argmax(axis=1) == calibration.labels
         passed = np.ones(len(correct), bool)
         ood_threshold = None

@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             pixels = tf.clip_by_value(layer(pixels, training=True), 0.0, 255.0)
             outputs = {k: v.numpy() for k, v in trained.forward(pixels, features=True).items()}
             scores = trust_lib.scores_of(outputs, trained, trained.trust)
-            probs = trained.label_space.probabilities(
-                {k: v for k, v in outputs.items() if k != trust.FEATURES}
-            ).numpy()
+            probs = trained.label_space.probabilities(outputs).numpy()
             correct.append(probs.argmax(axis=1) == batch["label"].numpy())
             referred.append(scores[trust.REFERRED])
             unfamiliar.append(scores.get(trust.OUT_OF_DISTRIBUTION, np.zeros(len(probs), bool)))

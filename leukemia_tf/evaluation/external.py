@@ -47,7 +47,6 @@ from leukemia_tf.data import names
 from leukemia_tf.evaluation import explain as explain_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
 from leukemia_tf.evaluation.predictions import EvaluatedSplit, SplitPredictions
-from leukemia_tf.models.trust import FEATURES
 from leukemia_tf.serving import predict_lib, signatures
 
 #: File of the per-image decisions in the report folder.
@@ -418,8 +417,7 @@ def predict_images(
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
     def forward(pixels):
         outputs = trained.forward(tf.cast(pixels, tf.float32), features=features)
-        model_outputs = {k: v for k, v in outputs.items() if k != FEATURES}
-        return outputs, signatures.postprocess(model_outputs, label_space)
+        return outputs, signatures.postprocess(outputs, label_space)
 
     failures: dict[int, str] = {}
     chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)

@@ -172,7 +172,7 @@ def predict_split(
             if key in batch:
                 columns[key].append(batch[key])
         if sampler is not None:
-            probs = trained.label_space.probabilities(_model_outputs(out)).numpy()
+            probs = trained.label_space.probabilities(out).numpy()
             sampler.offer(
                 batch["image"], batch["label"], probs.argmax(axis=1), probs, batch["file_name"]
             )
@@ -191,11 +191,6 @@ def predict_split(
         source=strings("source"),
         file_name=strings("file_name"),
     )
-
-
-def _model_outputs(outputs: dict) -> dict:
-    """The model's own outputs, without the pooled features."""
-    return {k: v for k, v in outputs.items() if k != "features"}
 
 
 @dataclasses.dataclass(frozen=True)

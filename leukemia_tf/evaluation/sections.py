@@ -49,7 +49,6 @@ from leukemia_tf.evaluation.predictions import (
 )
 from leukemia_tf.evaluation.trust_sections import ValidationPass
 from leukemia_tf.models.heads import level_key
-from leukemia_tf.models.trust import FEATURES
 
 if TYPE_CHECKING:
     # Annotations only: evaluate_lib builds the options and imports this module.
@@ -99,8 +98,10 @@ def _fit_temperature(
     trained: rundir.TrainedModel, predictions: SplitPredictions
 ) -> tuple[float, float, float]:
     """Fits T on ``predictions``; returns ``(T, nll at T=1, nll at T)``."""
-    # Without the pooled features (kept for the trust scores): every NLL would rescale them.
-    outputs = {k: tf.constant(v) for k, v in predictions.outputs.items() if k != FEATURES}
+    # Only the logits become tensors (not the pooled features kept for the trust scores).
+    outputs = {
+        k: tf.constant(v) for k, v in trained.label_space.own_outputs(predictions.outputs).items()
+    }
     labels = predictions.labels
 
     def nll(temperature: float) -> float:

@@ -304,6 +304,34 @@ def leaf_probabilities(level_logits: Mapping, taxonomy: Taxonomy) -> tf.Tensor:
     return tf.exp(total)
 
 
+def greedy_path(level_probs: Sequence[tf.Tensor], taxonomy: Taxonomy) -> list[tf.Tensor]:
+    """The top-down greedy walk: at each level the most probable child of the node chosen above.
+
+    Args:
+      level_probs: per level, ``[B, n_k]`` node probabilities (marginals, or
+        anything whose argmax within a sibling group picks the same child).
+      taxonomy: the tree whose levels they are.
+
+    Returns:
+      One ``int32 [B]`` tensor per level: the index of the chosen node among
+      the level's nodes, or ``-1`` below a leaf (no child to choose).
+    """
+    chosen = []
+    previous = None
+    for level, probs in enumerate(level_probs):
+        if previous is None:
+            allowed = tf.ones_like(probs, tf.bool)
+        else:
+            parents = tf.constant(taxonomy.level_parents(level), tf.int32)
+            allowed = tf.equal(parents[None, :], previous[:, None])
+        masked = tf.where(allowed, probs, tf.fill(tf.shape(probs), -1.0))
+        index = tf.argmax(masked, axis=-1, output_type=tf.int32)
+        index = tf.where(tf.reduce_any(allowed, axis=-1), index, -1)
+        chosen.append(index)
+        previous = index
+    return chosen
+
+
 # ----------------------------------------------------------------- targets
 
 

@@ -43,14 +43,26 @@ class LabelSpace:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @staticmethod
+    def own_outputs(outputs: dict) -> dict:
+        """The entries of a model's output dict that hold logits (``logits``, ``level_k``).
+
+        Anything else the dict carries (the pooled features of
+        :func:`leukemia_tf.models.trust.with_features`) is left out.
+        """
+        return {k: v for k, v in outputs.items() if k == "logits" or k.startswith("level_")}
+
     def probabilities(self, outputs: dict, temperature: float | tf.Tensor = 1.0) -> tf.Tensor:
         """``[B, num_classes]`` float32 class probabilities from the model's outputs.
 
         Args:
-          outputs: the model's output dict.
+          outputs: the model's output dict (other entries, such as the pooled
+            features, are ignored).
           temperature: divides every logit (calibration; 1 = as trained).
         """
-        outputs = {k: tf.cast(v, tf.float32) / temperature for k, v in outputs.items()}
+        outputs = {
+            k: tf.cast(v, tf.float32) / temperature for k, v in self.own_outputs(outputs).items()
+        }
         if self.head == "flat":
             return tf.nn.softmax(outputs["logits"], axis=-1)
         marginals = heads.node_probabilities(outputs, self.taxonomy)
@@ -87,5 +99,7 @@ class LabelSpace:
         """
         if self.head == "flat":
             return {}
-        outputs = {k: tf.cast(v, tf.float32) / temperature for k, v in outputs.items()}
+        outputs = {
+            k: tf.cast(v, tf.float32) / temperature for k, v in self.own_outputs(outputs).items()
+        }
         return heads.node_probabilities(outputs, self.taxonomy)

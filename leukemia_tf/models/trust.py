@@ -305,25 +305,17 @@ def backoff_nodes(
     batch = tf.shape(level_probs[0])[0]
     names = tf.fill([batch], "")
     probability = tf.zeros([batch], tf.float32)
-    previous = None
     alive = tf.ones([batch], tf.bool)
-    for level, probs in enumerate(level_probs):
+    path = heads.greedy_path(level_probs, tree)
+    for level, (probs, index) in enumerate(zip(level_probs, path, strict=True)):
         threshold = thresholds[level] if level < len(thresholds) else None
-        if previous is None:
-            allowed = tf.ones_like(probs, tf.bool)
-        else:
-            parents = tf.constant(tree.level_parents(level), tf.int32)
-            allowed = tf.equal(parents[None, :], previous[:, None])
-        masked = tf.where(allowed, probs, tf.fill(tf.shape(probs), -1.0))
-        index = tf.argmax(masked, axis=-1, output_type=tf.int32)
-        best = tf.reduce_max(masked, axis=-1)
-        passes = tf.reduce_any(allowed, axis=-1) & (best > 0)
+        best = tf.gather(probs, tf.maximum(index, 0), batch_dims=1)
+        passes = (index >= 0) & (best > 0)
         passes &= best >= (np.inf if threshold is None else float(threshold))
         alive &= passes
         level_names = tf.constant(list(tree.levels[level]), tf.string)
-        names = tf.where(alive, tf.gather(level_names, index), names)
+        names = tf.where(alive, tf.gather(level_names, tf.maximum(index, 0)), names)
         probability = tf.where(alive, best, probability)
-        previous = tf.where(alive, index, -1)
     return names, probability
 
 
@@ -339,8 +331,7 @@ def trust_outputs(
       thresholds ``predicted_node`` (string ``[B]``) and
       ``predicted_node_probability``.
     """
-    model_outputs = {k: v for k, v in outputs.items() if k != FEATURES}
-    out = logit_scores(model_outputs, label_space)
+    out = logit_scores(outputs, label_space)
     if stats is None:
         return out
     out.update(feature_scores(outputs[FEATURES], stats))
@@ -356,7 +347,7 @@ def trust_outputs(
     if stats.backoff is not None:
         tree = backoff_tree(label_space)
         names, probability = backoff_nodes(
-            level_probabilities(model_outputs, label_space), tree, stats.backoff["thresholds"]
+            level_probabilities(outputs, label_space), tree, stats.backoff["thresholds"]
         )
         out[PREDICTED_NODE] = names
         out[PREDICTED_NODE_PROBABILITY] = probability

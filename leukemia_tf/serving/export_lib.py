@@ -141,8 +141,7 @@ def _verify(
         k: tf.constant(v)
         for k, v in trained.outputs(pixels, features=trained.trust is not None).items()
     }
-    model_outputs = {k: v for k, v in outputs.items() if k != trust_lib.FEATURES}
-    expected = trained.label_space.probabilities(model_outputs, temperature).numpy()
+    expected = trained.label_space.probabilities(outputs, temperature).numpy()
     difference = float(np.max(np.abs(served[signatures.PROBABILITIES].numpy() - expected)))
     if not difference <= VERIFY_TOLERANCE:
         raise ExportError(

@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from leukemia_tf.data import preprocessing
+from leukemia_tf.models import heads
 from leukemia_tf.models import trust as trust_lib
 from leukemia_tf.models.heads import level_key
 from leukemia_tf.models.label_space import LabelSpace
@@ -95,21 +96,9 @@ def greedy_decisions(level_probs: Mapping[str, tf.Tensor], label_space: LabelSpa
       the level's nodes, or ``-1``.
     """
     taxonomy = label_space.taxonomy
-    chosen = []
-    previous = None
-    for level in range(taxonomy.num_levels):
-        probs = level_probs[level_key(level)]
-        if previous is None:
-            allowed = tf.ones_like(probs, tf.bool)
-        else:
-            parents = tf.constant(taxonomy.level_parents(level), tf.int32)
-            allowed = tf.equal(parents[None, :], previous[:, None])
-        masked = tf.where(allowed, probs, tf.fill(tf.shape(probs), -1.0))
-        index = tf.argmax(masked, axis=-1, output_type=tf.int32)
-        index = tf.where(tf.reduce_any(allowed, axis=-1), index, -1)
-        chosen.append(index)
-        previous = index
-    return chosen
+    return heads.greedy_path(
+        [level_probs[level_key(level)] for level in range(taxonomy.num_levels)], taxonomy
+    )
 
 
 def postprocess(
@@ -136,7 +125,6 @@ def postprocess(
       the module docstring).
     """
     trust_out = trust_lib.trust_outputs(dict(outputs), label_space, trust)
-    outputs = {k: v for k, v in outputs.items() if k != trust_lib.FEATURES}
     probabilities = label_space.probabilities(outputs, temperature)
     class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
     names = tf.constant(label_space.class_names, tf.string)
