@@ -81,6 +81,12 @@ REFERRED = "referred"
 OUT_OF_DISTRIBUTION = "out_of_distribution"
 PREDICTED_NODE = "predicted_node"
 PREDICTED_NODE_PROBABILITY = "predicted_node_probability"
+#: The numeric form of ``predicted_node`` (portable exports): an index into
+#: :func:`backoff_node_names`, -1 for none.
+PREDICTED_NODE_ID = "predicted_node_id"
+
+#: Name scope of the feature-score ops (see :func:`feature_scores`).
+FEATURE_SCORES_SCOPE = "trust_feature_scores"
 
 DEFAULT_KNN_K = 10
 DEFAULT_MAX_BANK = 20000
@@ -246,17 +252,23 @@ def logit_scores(outputs: dict, label_space: LabelSpace) -> dict[str, tf.Tensor]
 
 
 def feature_scores(features: tf.Tensor, stats: TrustStatistics) -> dict[str, tf.Tensor]:
-    """``mahalanobis`` and ``knn_distance`` (``[B]`` float32 each) of pooled features."""
-    features = tf.cast(features, tf.float32)
-    means = tf.constant(stats.class_means)
-    precision = tf.constant(stats.precision)
-    diff = features[:, None, :] - means[None, :, :]  # [B, C, D]
-    distances = tf.einsum("bcd,de,bce->bc", diff, precision, diff)
-    mahalanobis = tf.reduce_min(distances, axis=-1)
-    normed = tf.math.l2_normalize(features, axis=-1)
-    similarity = tf.matmul(normed, tf.constant(stats.bank), transpose_b=True)  # [B, M]
-    kth = tf.math.top_k(similarity, k=stats.knn_k).values[:, -1]
-    knn = tf.sqrt(tf.maximum(2.0 - 2.0 * kth, 0.0))
+    """``mahalanobis`` and ``knn_distance`` (``[B]`` float32 each) of pooled features.
+
+    The ops live under the name scope :data:`FEATURE_SCORES_SCOPE`, which the
+    int8 LiteRT export keeps in float (distances to fitted statistics do not
+    survive 8-bit activations).
+    """
+    with tf.name_scope(FEATURE_SCORES_SCOPE):
+        features = tf.cast(features, tf.float32)
+        means = tf.constant(stats.class_means)
+        precision = tf.constant(stats.precision)
+        diff = features[:, None, :] - means[None, :, :]  # [B, C, D]
+        distances = tf.einsum("bcd,de,bce->bc", diff, precision, diff)
+        mahalanobis = tf.reduce_min(distances, axis=-1)
+        normed = tf.math.l2_normalize(features, axis=-1)
+        similarity = tf.matmul(normed, tf.constant(stats.bank), transpose_b=True)  # [B, M]
+        kth = tf.math.top_k(similarity, k=stats.knn_k).values[:, -1]
+        knn = tf.sqrt(tf.maximum(2.0 - 2.0 * kth, 0.0))
     return {"mahalanobis": mahalanobis, "knn_distance": knn}
 
 
@@ -293,6 +305,43 @@ def level_probabilities(outputs: dict, label_space: LabelSpace) -> list[tf.Tenso
     return out
 
 
+def backoff_node_names(tree: Taxonomy) -> list[str]:
+    """The nodes :func:`backoff_node_ids` indexes: every level of ``tree``, top first."""
+    return [name for level in tree.levels for name in level]
+
+
+def backoff_node_ids(
+    level_probs: list[tf.Tensor], tree: Taxonomy, thresholds: list[float | None]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The deepest node accepted by the thresholded greedy walk, as an index.
+
+    Returns:
+      ``(ids [B] int32, probability [B] float32)``: the index of the node in
+      :func:`backoff_node_names`, or -1 and 0 when not even a top-level node
+      passes its threshold.
+    """
+    batch = tf.shape(level_probs[0])[0]
+    ids = tf.fill([batch], -1)
+    probability = tf.zeros([batch], tf.float32)
+    alive = tf.ones([batch], tf.bool)
+    path = heads.greedy_path(level_probs, tree)
+    offset = 0
+    for level, (probs, index) in enumerate(zip(level_probs, path, strict=True)):
+        threshold = thresholds[level] if level < len(thresholds) else None
+        depth = len(tree.levels[level])
+        # A one-hot sum rather than a batched gather: the same value, and an op
+        # every runtime has (LiteRT's batched GATHER fails on a dynamic batch).
+        chosen = tf.one_hot(tf.maximum(index, 0), depth, dtype=probs.dtype)
+        best = tf.reduce_sum(probs * chosen, axis=-1)
+        passes = (index >= 0) & (best > 0)
+        passes &= best >= (np.inf if threshold is None else float(threshold))
+        alive &= passes
+        ids = tf.where(alive, tf.cast(index, tf.int32) + offset, ids)
+        probability = tf.where(alive, best, probability)
+        offset += depth
+    return ids, probability
+
+
 def backoff_nodes(
     level_probs: list[tf.Tensor], tree: Taxonomy, thresholds: list[float | None]
 ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -302,33 +351,23 @@ def backoff_nodes(
       ``(names [B] string, probability [B] float32)``: ``""`` and 0 when not
       even a top-level node passes its threshold.
     """
-    batch = tf.shape(level_probs[0])[0]
-    names = tf.fill([batch], "")
-    probability = tf.zeros([batch], tf.float32)
-    alive = tf.ones([batch], tf.bool)
-    path = heads.greedy_path(level_probs, tree)
-    for level, (probs, index) in enumerate(zip(level_probs, path, strict=True)):
-        threshold = thresholds[level] if level < len(thresholds) else None
-        best = tf.gather(probs, tf.maximum(index, 0), batch_dims=1)
-        passes = (index >= 0) & (best > 0)
-        passes &= best >= (np.inf if threshold is None else float(threshold))
-        alive &= passes
-        level_names = tf.constant(list(tree.levels[level]), tf.string)
-        names = tf.where(alive, tf.gather(level_names, tf.maximum(index, 0)), names)
-        probability = tf.where(alive, best, probability)
-    return names, probability
+    ids, probability = backoff_node_ids(level_probs, tree, thresholds)
+    names = backoff_node_names(tree)
+    table = tf.constant([*names, ""], tf.string)
+    return tf.gather(table, tf.where(ids < 0, len(names), ids)), probability
 
 
 # ----------------------------------------------------------------- outputs
 def trust_outputs(
-    outputs: dict, label_space: LabelSpace, stats: TrustStatistics | None
+    outputs: dict, label_space: LabelSpace, stats: TrustStatistics | None, *, names: bool = True
 ) -> dict[str, tf.Tensor]:
     """Every trust output for the model's raw outputs (``outputs[FEATURES]`` when fitted).
 
     Returns:
       The logit scores always; with ``stats`` the feature scores; with a
       fitted selection ``referred`` (bool ``[B]``); with fitted back-off
-      thresholds ``predicted_node`` (string ``[B]``) and
+      thresholds ``predicted_node`` (string ``[B]``; with ``names=False``
+      ``predicted_node_id``, int32, see :func:`backoff_node_ids`) and
       ``predicted_node_probability``.
     """
     out = logit_scores(outputs, label_space)
@@ -346,10 +385,16 @@ def trust_outputs(
         out[REFERRED] = referred
     if stats.backoff is not None:
         tree = backoff_tree(label_space)
-        names, probability = backoff_nodes(
+        ids, probability = backoff_node_ids(
             level_probabilities(outputs, label_space), tree, stats.backoff["thresholds"]
         )
-        out[PREDICTED_NODE] = names
+        if names:
+            table = backoff_node_names(tree)
+            out[PREDICTED_NODE] = tf.gather(
+                tf.constant([*table, ""], tf.string), tf.where(ids < 0, len(table), ids)
+            )
+        else:
+            out[PREDICTED_NODE_ID] = ids
         out[PREDICTED_NODE_PROBABILITY] = probability
     return out
 
@@ -363,8 +408,8 @@ def _rejected(score: tf.Tensor, name: str, threshold: float | None) -> tf.Tensor
     return score > float(threshold)
 
 
-def output_keys(stats: TrustStatistics | None) -> list[str]:
-    """The names :func:`trust_outputs` returns, in order."""
+def output_keys(stats: TrustStatistics | None, *, names: bool = True) -> list[str]:
+    """The names :func:`trust_outputs` returns (with the same ``names``), in order."""
     keys = list(LOGIT_SCORES)
     if stats is None:
         return keys
@@ -374,7 +419,7 @@ def output_keys(stats: TrustStatistics | None) -> list[str]:
             keys.append(OUT_OF_DISTRIBUTION)
         keys.append(REFERRED)
     if stats.backoff is not None:
-        keys += [PREDICTED_NODE, PREDICTED_NODE_PROBABILITY]
+        keys += [PREDICTED_NODE if names else PREDICTED_NODE_ID, PREDICTED_NODE_PROBABILITY]
     return keys
 
 

@@ -36,10 +36,8 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -98,23 +96,123 @@ def next_version(export_dir: str | os.PathLike) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def _stage_assets(trained: rundir.TrainedModel, staging: Path, metadata: dict) -> dict[str, str]:
-    """Writes the asset files into ``staging``; returns ``{name: path}``."""
-    files = {}
-    labels = staging / LABELS_ASSET
-    labels.write_text("\n".join(trained.class_names) + "\n")
-    files[LABELS_ASSET] = str(labels)
+def write_assets(trained: rundir.TrainedModel, directory: str, metadata: dict) -> dict[str, str]:
+    """Writes the label, taxonomy, config and metadata files into ``directory``.
+
+    Local or remote (``gs://``). Returns ``{name: path}``.
+    """
+    files = {LABELS_ASSET: os.path.join(directory, LABELS_ASSET)}
+    with tf.io.gfile.GFile(files[LABELS_ASSET], "w") as f:
+        f.write("\n".join(trained.class_names) + "\n")
     if trained.taxonomy is not None:
-        taxonomy = staging / TAXONOMY_ASSET
-        shutil.copyfile(trained.taxonomy.source, taxonomy)
-        files[TAXONOMY_ASSET] = str(taxonomy)
-    config = staging / CONFIG_ASSET
-    config.write_text(json.dumps(trained.config.to_dict(), indent=2) + "\n")
-    files[CONFIG_ASSET] = str(config)
-    meta = staging / METADATA_ASSET
-    meta.write_text(json.dumps(metadata, indent=2) + "\n")
-    files[METADATA_ASSET] = str(meta)
+        files[TAXONOMY_ASSET] = os.path.join(directory, TAXONOMY_ASSET)
+        tf.io.gfile.copy(trained.taxonomy.source, files[TAXONOMY_ASSET], overwrite=True)
+    files[CONFIG_ASSET] = os.path.join(directory, CONFIG_ASSET)
+    with tf.io.gfile.GFile(files[CONFIG_ASSET], "w") as f:
+        f.write(json.dumps(trained.config.to_dict(), indent=2) + "\n")
+    files[METADATA_ASSET] = os.path.join(directory, METADATA_ASSET)
+    with tf.io.gfile.GFile(files[METADATA_ASSET], "w") as f:
+        f.write(json.dumps(metadata, indent=2) + "\n")
     return files
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedExport:
+    """A checked export destination and the loaded model (:func:`prepare_export`)."""
+
+    model_dir: str
+    export_dir: str
+    version: int
+    final: str  # export_dir/<version>
+    trained: rundir.TrainedModel
+    temperature: float
+    adapted_batchnorm: dict | None
+
+    def staging(self) -> str:
+        """A new hidden folder beside ``final`` (not an integer name: TF Serving ignores it)."""
+        path = os.path.join(
+            self.export_dir,
+            f".tmp-{self.version}-{os.getpid()}-{datetime.datetime.now():%H%M%S%f}",
+        )
+        tf.io.gfile.makedirs(path)
+        return path
+
+    def commit(self, staging: str) -> None:
+        """Renames the complete ``staging`` folder into place."""
+        tf.io.gfile.rename(staging, self.final, overwrite=False)
+
+    @staticmethod
+    def abandon(staging: str) -> None:
+        """Removes an incomplete ``staging`` folder."""
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
+
+
+def prepare_export(
+    model_dir: str | os.PathLike,
+    export_dir: str | os.PathLike,
+    *,
+    version: int | None = None,
+    which: str = "best",
+    apply_temperature: bool = False,
+    adapt_bn: str | None = None,
+    adapt_batch_size: int = 64,
+    before_load: Callable[[], None] | None = None,
+) -> PreparedExport:
+    """Checks the destination and the flags, loads the model (adapted with ``adapt_bn``).
+
+    Everything a bad flag can fail on fails here, before the slow part;
+    ``before_load`` runs after these checks, before the model is loaded. See
+    :func:`export_model` for the arguments and the errors.
+    """
+    model_dir = rundir.check_model_dir(model_dir)
+    export_dir = os.fspath(export_dir)
+    if not rundir.is_remote(export_dir):
+        export_dir = os.path.abspath(os.path.expanduser(export_dir))
+    if version is None:
+        version = next_version(export_dir)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"--version={version!r}: must be a positive integer (TF Serving's layout)")
+    final = os.path.join(export_dir, str(version))
+    if tf.io.gfile.exists(final):
+        raise FileExistsError(
+            f"{final} already exists: choose another --version, or leave --version out to "
+            f"write version {next_version(export_dir)}"
+        )
+    if apply_temperature:
+        rundir.check_calibration(model_dir)
+    adapt_bn = (adapt_bn or "").strip()
+    if adapt_bn:
+        from leukemia_tf.serving import predict_lib
+
+        if adapt_bn == predict_lib.ADAPT_INPUTS:
+            raise ValueError(
+                f"--adapt_bn={adapt_bn}: an export has no inputs to adapt on; give a folder, "
+                "glob or CSV of target-domain images"
+            )
+        adapt_paths = [i.path for i in predict_lib.collect_inputs(adapt_bn)[0] if not i.error]
+    if before_load is not None:
+        before_load()
+
+    trained = rundir.load_trained_model(model_dir, which=which, float32=True)
+    adapted_batchnorm = None
+    if adapt_bn:
+        from leukemia_tf.models import adapt
+
+        # Everything after this (the graph, the verification) uses the adapted copy.
+        trained, adapted_batchnorm = adapt.adapt_trained(
+            trained, adapt_paths, batch_size=adapt_batch_size, source=adapt_bn
+        )
+    tf.io.gfile.makedirs(export_dir)
+    return PreparedExport(
+        model_dir=model_dir,
+        export_dir=export_dir,
+        version=version,
+        final=final,
+        trained=trained,
+        temperature=trained.temperature if apply_temperature else 1.0,
+        adapted_batchnorm=adapted_batchnorm,
+    )
 
 
 def _verify(
@@ -228,45 +326,20 @@ def export_model(
       ValueError: a bad ``version``.
       ExportError: the reloaded export does not match the Keras model.
     """
-    model_dir = rundir.check_model_dir(model_dir)
-    export_dir = os.fspath(export_dir)
-    if not rundir.is_remote(export_dir):
-        export_dir = os.path.abspath(os.path.expanduser(export_dir))
-    if version is None:
-        version = next_version(export_dir)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"--version={version!r}: must be a positive integer (TF Serving's layout)")
-    final = os.path.join(export_dir, str(version))
-    if tf.io.gfile.exists(final):
-        raise FileExistsError(
-            f"{final} already exists: choose another --version, or leave --version out to "
-            f"write version {next_version(export_dir)}"
-        )
-    if apply_temperature:
-        rundir.check_calibration(model_dir)
-    if write_warmup:
-        warmup.check_available()  # fail before the slow part
-    adapt_bn = (adapt_bn or "").strip()
-    if adapt_bn:
-        from leukemia_tf.serving import predict_lib
-
-        if adapt_bn == predict_lib.ADAPT_INPUTS:
-            raise ValueError(
-                f"--adapt_bn={adapt_bn}: an export has no inputs to adapt on; give a folder, "
-                "glob or CSV of target-domain images"
-            )
-        adapt_paths = [i.path for i in predict_lib.collect_inputs(adapt_bn)[0] if not i.error]
-
-    trained = rundir.load_trained_model(model_dir, which=which, float32=True)
-    adapted_batchnorm = None
-    if adapt_bn:
-        from leukemia_tf.models import adapt
-
-        # Everything below (the graph, the verification) uses the adapted copy.
-        trained, adapted_batchnorm = adapt.adapt_trained(
-            trained, adapt_paths, batch_size=adapt_batch_size, source=adapt_bn
-        )
-    temperature = trained.temperature if apply_temperature else 1.0
+    prepared = prepare_export(
+        model_dir,
+        export_dir,
+        version=version,
+        which=which,
+        apply_temperature=apply_temperature,
+        adapt_bn=adapt_bn,
+        adapt_batch_size=adapt_batch_size,
+        # Fail before the slow part.
+        before_load=warmup.check_available if write_warmup else None,
+    )
+    model_dir, version = prepared.model_dir, prepared.version
+    trained, temperature = prepared.trained, prepared.temperature
+    adapted_batchnorm = prepared.adapted_batchnorm
     # Real images for the warmup requests and the check of the reloaded export.
     if warmup_images:
         real = warmup.read_image_files(warmup_images)
@@ -321,11 +394,7 @@ def export_model(
         },
     }
 
-    tf.io.gfile.makedirs(export_dir)
-    # Not an integer name: TF Serving ignores it while it is being written.
-    staging_version = os.path.join(
-        export_dir, f".tmp-{version}-{os.getpid()}-{datetime.datetime.now():%H%M%S%f}"
-    )
+    staging_version = prepared.staging()
     try:
         with tempfile.TemporaryDirectory(prefix="leukemia_export_assets_") as staging:
             module = signatures.ServingModule(
@@ -333,7 +402,7 @@ def export_model(
                 trained.label_space,
                 trained.image_size,
                 temperature,
-                assets=_stage_assets(trained, Path(staging), metadata),
+                assets=write_assets(trained, staging, metadata),
                 trust=trained.trust,
             )
             tf.saved_model.save(
@@ -352,14 +421,13 @@ def export_model(
         if verify:
             check_images = list(real) + warmup.coverage_images(trained.image_size)
             difference = _verify(staging_version, trained, check_images, temperature)
-        tf.io.gfile.rename(staging_version, final, overwrite=False)
+        prepared.commit(staging_version)
     except BaseException:
-        if tf.io.gfile.exists(staging_version):
-            tf.io.gfile.rmtree(staging_version)
+        prepared.abandon(staging_version)
         raise
-    logging.info("exported %s (%s) to %s", model_dir, which, final)
+    logging.info("exported %s (%s) to %s", model_dir, which, prepared.final)
     return ExportResult(
-        path=final,
+        path=prepared.final,
         version=version,
         temperature=temperature,
         signatures={name: output_keys for name in signatures.SIGNATURES},

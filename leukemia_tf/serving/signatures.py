@@ -75,6 +75,11 @@ def level_names_key(level: int) -> str:
     return f"level_{level}_names"
 
 
+def level_ids_key(level: int) -> str:
+    """Output name of level ``level``'s greedy decision as a node index (portable exports)."""
+    return f"level_{level}_ids"
+
+
 # ------------------------------------------------------------------ outputs
 def greedy_decisions(level_probs: Mapping[str, tf.Tensor], label_space: LabelSpace) -> list:
     """Top-down greedy decision at every taxonomy level.
@@ -106,6 +111,8 @@ def postprocess(
     label_space: LabelSpace,
     temperature: float = 1.0,
     trust: trust_lib.TrustStatistics | None = None,
+    *,
+    names: bool = True,
 ) -> dict[str, tf.Tensor]:
     """Named predictions from the model's raw outputs (serving and ``predict``).
 
@@ -115,6 +122,11 @@ def postprocess(
       label_space: the model's classes.
       temperature: divides every logit (1: as trained).
       trust: the run's fitted trust statistics, or None.
+      names: return the string outputs. False (the portable exports, whose
+        runtimes have no string ops): no ``class_names`` (``class_ids``
+        indexes the labels), ``level_k_ids`` (int32, the node's index in
+        taxonomy level ``k``, -1 undecided) instead of ``level_k_names``, and
+        ``predicted_node_id`` instead of ``predicted_node``.
 
     Returns:
       ``{"probabilities", "class_ids", "class_names"}``, the trust outputs
@@ -124,37 +136,40 @@ def postprocess(
       model, ``level_k_probabilities`` and ``level_k_names`` per level (see
       the module docstring).
     """
-    trust_out = trust_lib.trust_outputs(dict(outputs), label_space, trust)
+    trust_out = trust_lib.trust_outputs(dict(outputs), label_space, trust, names=names)
     probabilities = label_space.probabilities(outputs, temperature)
     class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
-    names = tf.constant(label_space.class_names, tf.string)
-    out = {
-        PROBABILITIES: probabilities,
-        CLASS_IDS: class_ids,
-        CLASS_NAMES: tf.gather(names, class_ids),
-    }
+    out = {PROBABILITIES: probabilities, CLASS_IDS: class_ids}
+    if names:
+        out[CLASS_NAMES] = tf.gather(tf.constant(label_space.class_names, tf.string), class_ids)
     if label_space.head == "hierarchical":
         level_probs = label_space.level_probabilities(outputs, temperature)
         levels = label_space.taxonomy.levels
         for level, index in enumerate(greedy_decisions(level_probs, label_space)):
+            out[level_probabilities_key(level)] = level_probs[level_key(level)]
+            if not names:
+                out[level_ids_key(level)] = tf.cast(index, tf.int32)
+                continue
             # Index len(nodes) is the "" of an undecided level.
             level_names = tf.constant([*levels[level], ""], tf.string)
             index = tf.where(index < 0, len(levels[level]), index)
-            out[level_probabilities_key(level)] = level_probs[level_key(level)]
             out[level_names_key(level)] = tf.gather(level_names, index)
     out.update(trust_out)
     return out
 
 
 def output_keys(
-    label_space: LabelSpace, trust: trust_lib.TrustStatistics | None = None
+    label_space: LabelSpace, trust: trust_lib.TrustStatistics | None = None, *, names: bool = True
 ) -> list[str]:
-    """The output names :func:`postprocess` returns for ``label_space``, in order."""
-    keys = [PROBABILITIES, CLASS_IDS, CLASS_NAMES]
+    """The output names :func:`postprocess` returns (with the same ``names``), in order."""
+    keys = [PROBABILITIES, CLASS_IDS] + ([CLASS_NAMES] if names else [])
     if label_space.head == "hierarchical":
         for level in range(label_space.taxonomy.num_levels):
-            keys += [level_probabilities_key(level), level_names_key(level)]
-    return keys + trust_lib.output_keys(trust)
+            keys += [
+                level_probabilities_key(level),
+                level_names_key(level) if names else level_ids_key(level),
+            ]
+    return keys + trust_lib.output_keys(trust, names=names)
 
 
 # ------------------------------------------------------------------- inputs

@@ -1,0 +1,157 @@
+"""What the portable exports (LiteRT, ONNX) share: one numeric graph and its metadata.
+
+A portable model runs where there is no TensorFlow: a microscope camera, a
+phone, a small PC. Its runtimes have no string ops and no image decoders, so:
+
+* the input is ``pixels``, ``uint8 [N, S, S, 3]`` RGB at the model's training
+  size ``S``, already decoded and resized the way this package does it
+  (:func:`leukemia_tf.data.preprocessing.decode_and_resize`: the aspect ratio
+  kept, the image scaled to fit and padded with its mean colour). The values
+  are the plain 0-255 colours: the normalisation is inside the graph.
+* the outputs are :func:`leukemia_tf.serving.signatures.postprocess`'s with
+  ``names=False``: ``probabilities``, ``class_ids`` (an index into the class
+  names), per taxonomy level ``level_k_probabilities`` and ``level_k_ids``
+  (hierarchical heads), the trust scores, ``referred`` /
+  ``out_of_distribution`` and ``predicted_node_id`` (an index into
+  ``backoff_nodes``) where the run has fitted them.
+* the names travel as metadata (:func:`metadata`): the class names, the
+  taxonomy levels, the back-off nodes, the input contract.
+
+:func:`with_names` turns the numeric outputs back into the SavedModel's named
+outputs, so ``predict`` writes the same CSV from either model.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from leukemia_tf import rundir
+from leukemia_tf.models import trust as trust_lib
+from leukemia_tf.serving import signatures
+
+#: The input name of every portable model.
+INPUT = "pixels"
+
+#: Format of the portable metadata (bump on an incompatible change).
+FORMAT_VERSION = 1
+
+INPUT_CONTRACT = (
+    "uint8 [N, S, S, 3] RGB 0-255 at the training size S; decode and resize as "
+    "leukemia_tf.data.preprocessing.decode_and_resize does (aspect ratio kept, scaled to "
+    "fit, padded with the image's mean colour); no normalisation (it is in the graph)"
+)
+
+
+def numeric_function(
+    trained: rundir.TrainedModel, temperature: float = 1.0
+) -> tuple[tf.Module, tf.types.experimental.ConcreteFunction]:
+    """The portable graph of ``trained``, its weights frozen into constants.
+
+    Returns:
+      ``(module, function)``: ``function`` takes ``pixels`` (see the module
+      docstring) and returns the numeric outputs by name; ``module`` tracks it
+      (the converters want a trackable object).
+    """
+    size = trained.image_size
+    stats = trained.trust
+    spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
+
+    @tf.function(input_signature=[spec])
+    def serve(pixels):
+        outputs = trained.forward(tf.cast(pixels, tf.float32), features=stats is not None)
+        return signatures.postprocess(outputs, trained.label_space, temperature, stats, names=False)
+
+    concrete = serve.get_concrete_function()
+    keys = sorted(concrete.structured_outputs)
+    # Constants, not variables: the LiteRT calibrator and ONNX have no variables.
+    from tensorflow.python.framework import convert_to_constants
+
+    frozen = convert_to_constants.convert_variables_to_constants_v2(concrete)
+    module = tf.Module()
+    # The frozen function returns its outputs flattened (sorted by name).
+    module.serve = tf.function(
+        lambda pixels: dict(zip(keys, frozen(pixels), strict=True)), input_signature=[spec]
+    )
+    return module, module.serve.get_concrete_function()
+
+
+def output_keys(trained: rundir.TrainedModel) -> list[str]:
+    """The names of the portable model's outputs."""
+    return signatures.output_keys(trained.label_space, trained.trust, names=False)
+
+
+def metadata(
+    trained: rundir.TrainedModel,
+    *,
+    model_format: str,
+    source_model_dir: str,
+    checkpoint: str,
+    temperature: float,
+    apply_temperature: bool,
+    adapted_batchnorm: dict | None = None,
+    **extra,
+) -> dict:
+    """What a portable model needs beside its graph: names, input contract, provenance."""
+    label_space = trained.label_space
+    stats = trained.trust
+    hierarchical = label_space.head == "hierarchical"
+    selection = stats.selection if stats is not None else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "format": model_format,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_model_dir": source_model_dir,
+        "checkpoint": checkpoint,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "backbone": trained.config.backbone,
+        "head": trained.config.head,
+        "image_size": trained.image_size,
+        "input": {"name": INPUT, "contract": INPUT_CONTRACT},
+        "outputs": output_keys(trained),
+        "class_names": list(trained.class_names),
+        "taxonomy_levels": [list(level) for level in trained.taxonomy.levels]
+        if hierarchical
+        else None,
+        "backoff_nodes": trust_lib.backoff_node_names(trust_lib.backoff_tree(label_space))
+        if stats is not None and stats.backoff is not None
+        else None,
+        "trust_outputs": trust_lib.output_keys(stats),
+        "selection": selection,
+        "temperature": temperature,
+        "temperature_applied": bool(apply_temperature),
+        "adapted_batchnorm": adapted_batchnorm,
+        **extra,
+    }
+
+
+def _names(table: list[str], ids: np.ndarray) -> np.ndarray:
+    """``table[i]`` as bytes for every id (``b""`` for -1), like the SavedModel's strings."""
+    lookup = np.array([name.encode("utf-8") for name in table] + [b""], dtype=object)
+    ids = np.asarray(ids).astype(np.int64)
+    return lookup[np.where(ids < 0, len(table), ids)]
+
+
+def with_names(outputs: Mapping[str, np.ndarray], meta: Mapping) -> dict[str, np.ndarray]:
+    """The SavedModel's named outputs from a portable model's numeric ones.
+
+    Adds ``class_names``, ``level_k_names`` and ``predicted_node`` (bytes, as
+    the SavedModel returns them) from the ids and the metadata's tables, and
+    drops the ids that only stood for them (``class_ids`` stays).
+    """
+    out = dict(outputs)
+    out[signatures.CLASS_NAMES] = _names(meta["class_names"], out[signatures.CLASS_IDS])
+    for level, nodes in enumerate(meta.get("taxonomy_levels") or ()):
+        out[signatures.level_names_key(level)] = _names(
+            nodes, out.pop(signatures.level_ids_key(level))
+        )
+    if trust_lib.PREDICTED_NODE_ID in out:
+        out[trust_lib.PREDICTED_NODE] = _names(
+            meta["backoff_nodes"], out.pop(trust_lib.PREDICTED_NODE_ID)
+        )
+    return out
