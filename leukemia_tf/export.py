@@ -1,16 +1,26 @@
-r"""Exports a trained model for TF Serving: ``python -m leukemia_tf.export``.
+r"""Exports a trained model: ``python -m leukemia_tf.export``.
 
-Writes a float32 SavedModel into ``--export_dir/<version>/`` (TF Serving's
-layout) with two signatures, ``serving_default`` (encoded image bytes) and
-``predict_pixels`` (float32 RGB pixels 0-255), the label names, taxonomy and
-training config as assets, and TF Serving warmup requests. See
-:mod:`leukemia_tf.serving.export_lib`.
+``--format=saved_model`` (default) writes a float32 SavedModel for TF Serving
+into ``--export_dir/<version>/`` with two signatures, ``serving_default``
+(encoded image bytes) and ``predict_pixels`` (float32 RGB pixels 0-255), the
+label names, taxonomy and training config as assets, and TF Serving warmup
+requests. See :mod:`leukemia_tf.serving.export_lib`.
+
+``--format=litert`` writes ``--export_dir/<version>/model.tflite`` for
+microscopes, phones and small PCs (input: RGB uint8 at the training size,
+decoded outside the graph), optionally quantized (``--quantize``), with
+``labels.txt`` and ``export.json`` beside it. See
+:mod:`leukemia_tf.serving.litert`.
 
 Example::
 
   python -m leukemia_tf.export --model_dir=runs/quickstart --export_dir=/srv/models/leukemia
   tensorflow_model_server --port=8500 --rest_api_port=8501 \
       --model_name=leukemia --model_base_path=/srv/models/leukemia
+  # LiteRT for a device, int8 (calibrated on the run's training split):
+  python -m leukemia_tf.export --model_dir=runs/quickstart --export_dir=litert/ \
+      --format=litert --quantize=int8
+  python -m leukemia_tf.predict --model=litert/1/model.tflite --images=smears/
   # For another lab: BatchNorm statistics re-estimated on its (unlabelled) images.
   python -m leukemia_tf.export --model_dir=runs/quickstart --export_dir=/srv/models/lab2 \
       --adapt_bn=lab2_smears/
@@ -24,6 +34,28 @@ from absl import flags
 
 from leukemia_tf import cli
 
+FORMATS = ("saved_model", "litert")
+
+_FORMAT = flags.DEFINE_enum(
+    "format",
+    "saved_model",
+    FORMATS,
+    "saved_model: TF Serving (image bytes in). litert: a .tflite for devices (uint8 RGB "
+    "pixels at the training size in; builtin ops only).",
+)
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    "none",
+    ["none", "float16", "dynamic", "int8"],
+    "--format=litert: none (float32), float16 (weights), dynamic (int8 weights) or int8 "
+    "(weights and activations, calibrated on --calibration_images of the training split).",
+)
+_CALIBRATION_IMAGES = flags.DEFINE_integer(
+    "calibration_images",
+    200,
+    "--quantize=int8: training images (through the package's pipeline) the calibration runs.",
+    lower_bound=1,
+)
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Training run to export (leukemia_tf.train's --model_dir)."
 )
@@ -49,8 +81,9 @@ _MODEL_NAME = flags.DEFINE_string(
 _WARMUP_IMAGES = flags.DEFINE_string(
     "warmup_images",
     None,
-    "Glob or folder of real images for the warmup requests; default: a few images of the "
-    "model's validation split when its data are at hand (generated images are always added).",
+    "Glob or folder of real images for the warmup requests (litert: for the check against "
+    "the Keras model); default: a few images of the model's validation split when its data "
+    "are at hand (generated images are always added).",
 )
 _ADAPT_BN = flags.DEFINE_string(
     "adapt_bn",
@@ -69,10 +102,34 @@ _VERIFY = flags.DEFINE_bool(
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
+def _check_format_flags() -> None:
+    """Flags that only one format reads, given with the other, are an error."""
+    given = {name for name in ("quantize", "calibration_images") if flags.FLAGS[name].present}
+    if _FORMAT.value != "litert" and given:
+        raise cli.UserError(
+            f"--{sorted(given)[0]} is an option of --format=litert (this is --format="
+            f"{_FORMAT.value})"
+        )
+    if _FORMAT.value == "litert":
+        for name in ("model_name", "warmup"):
+            if flags.FLAGS[name].present:
+                raise cli.UserError(
+                    f"--{name} is an option of --format=saved_model (TF Serving), not litert"
+                )
+    if flags.FLAGS["calibration_images"].present and _QUANTIZE.value != "int8":
+        raise cli.UserError(
+            f"--calibration_images needs --quantize=int8 (this is --quantize={_QUANTIZE.value})"
+        )
+
+
 def main(argv: Sequence[str]) -> None:
     cli.check_no_args(argv)
     if _VERSION.value is not None and _VERSION.value < 1:
         raise cli.UserError(f"--version={_VERSION.value}: must be a positive integer")
+    _check_format_flags()
+    if _FORMAT.value == "litert":
+        _export_litert()
+        return
     from leukemia_tf.serving import export_lib  # heavy imports after flag parsing
 
     try:
@@ -97,19 +154,9 @@ def main(argv: Sequence[str]) -> None:
         if result.max_abs_difference is not None
         else "not verified (--noverify)"
     )
-    adapted = result.adapted_batchnorm
-    if adapted is None:
-        adaptation = ""
-    elif adapted["adapted"]:
-        adaptation = (
-            f"  AdaBN: an ADAPTED copy, BatchNorm statistics of {adapted['layers']} layer(s) "
-            f"re-estimated on {adapted['count']} image(s) of {adapted['images']}\n"
-        )
-    else:
-        adaptation = f"  --adapt_bn: {adapted['note']}\n"
     print(
         f"\nExported version {result.version} to {result.path}\n"
-        f"{adaptation}"
+        f"{_adaptation_line(result.adapted_batchnorm)}"
         f"  temperature {result.temperature:g}, {result.warmup_records} warmup requests, {check}\n"
         f"  signatures: {', '.join(result.signatures)}\n"
         "Inspect:\n"
@@ -117,6 +164,54 @@ def main(argv: Sequence[str]) -> None:
         "Serve:\n"
         f"  tensorflow_model_server --port=8500 --rest_api_port=8501 "
         f"--model_name={_MODEL_NAME.value} --model_base_path={base}"
+    )
+
+
+def _adaptation_line(adapted: dict | None) -> str:
+    if adapted is None:
+        return ""
+    if adapted["adapted"]:
+        return (
+            f"  AdaBN: an ADAPTED copy, BatchNorm statistics of {adapted['layers']} layer(s) "
+            f"re-estimated on {adapted['count']} image(s) of {adapted['images']}\n"
+        )
+    return f"  --adapt_bn: {adapted['note']}\n"
+
+
+def _export_litert() -> None:
+    from leukemia_tf.serving import litert  # heavy imports after flag parsing
+
+    try:
+        result = litert.export_litert(
+            _MODEL_DIR.value,
+            _EXPORT_DIR.value,
+            version=_VERSION.value,
+            which=_WHICH.value,
+            apply_temperature=_APPLY_TEMPERATURE.value,
+            quantize=_QUANTIZE.value,
+            calibration_images_count=_CALIBRATION_IMAGES.value,
+            check_images=_WARMUP_IMAGES.value,
+            verify=_VERIFY.value,
+            adapt_bn=_ADAPT_BN.value,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        raise cli.UserError(f"export failed: {e}") from e
+    check = result.check
+    checked = (
+        f"checked against the Keras model on {check['images']} image(s): max |dp| = "
+        f"{check['max_abs_difference']:.1e}, top-1 agreement {check['top1_agreement']:.1%}"
+        if check
+        else "not verified (--noverify)"
+    )
+    print(
+        f"\nExported version {result.version} to {result.file} "
+        f"({result.size_bytes / 2**20:.1f} MiB, quantization {result.quantize})\n"
+        f"{_adaptation_line(result.adapted_batchnorm)}"
+        f"  temperature {result.temperature:g}, {checked}\n"
+        "  input: uint8 [N, S, S, 3] RGB at the training size, decoded outside the graph "
+        "(export.json says how)\n"
+        "Predict with it:\n"
+        f"  python -m leukemia_tf.predict --model={result.file} --images=FOLDER"
     )
 
 

@@ -17,6 +17,8 @@ Examples::
   python -m leukemia_tf.predict --model_dir=runs/quickstart --images='smears/**/*.jpg'
   python -m leukemia_tf.predict --model_dir=runs/quickstart --images=cells.csv \
       --slide_column=slide_id --output=out/predictions.csv
+  # A LiteRT export (python -m leukemia_tf.export --format=litert), as on a device:
+  python -m leukemia_tf.predict --model=litert/1/model.tflite --images=smears/patient7/
   # Another lab's smears: BatchNorm statistics re-estimated on them first (AdaBN).
   python -m leukemia_tf.predict --model_dir=runs/quickstart --images=lab2/ --adapt_bn=inputs
 """
@@ -30,6 +32,12 @@ from absl import flags
 from leukemia_tf import cli
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Training run whose model predicts.")
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "Instead of --model_dir: a portable model file written by leukemia_tf.export "
+    "(--format=litert: model.tflite), run with the LiteRT interpreter; the same CSV columns.",
+)
 _IMAGES = flags.DEFINE_string(
     "images",
     None,
@@ -83,7 +91,8 @@ _READ_THREADS = flags.DEFINE_integer(
 )
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "1: progress bar; 0: quiet.")
 
-flags.mark_flags_as_required(["model_dir", "images"])
+flags.mark_flags_as_required(["images"])
+flags.mark_flags_as_mutual_exclusive(["model_dir", "model"], required=True)
 
 
 def _explicit(flag: flags.FlagHolder) -> str | None:
@@ -110,6 +119,7 @@ def main(argv: Sequence[str]) -> int:
             verbose=_VERBOSE.value,
             tta=_TTA.value,
             adapt_bn=_ADAPT_BN.value,
+            model=_MODEL.value,
         )
     except (FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e)) from e

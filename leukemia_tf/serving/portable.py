@@ -24,6 +24,7 @@ outputs, so ``predict`` writes the same CSV from either model.
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Mapping
 
 import keras
@@ -155,3 +156,27 @@ def with_names(outputs: Mapping[str, np.ndarray], meta: Mapping) -> dict[str, np
             meta["backoff_nodes"], out.pop(trust_lib.PREDICTED_NODE_ID)
         )
     return out
+
+
+#: File suffix -> the module and class that run it.
+RUNTIMES = {".tflite": ("leukemia_tf.serving.litert", "LiteRTModel")}
+
+
+def load(path: str | os.PathLike, num_threads: int | None = None):
+    """A portable model file, ready to predict (``LiteRTModel`` for ``.tflite``).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: an unknown suffix, or a file this package did not export.
+    """
+    import importlib
+
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in RUNTIMES:
+        raise ValueError(
+            f"--model={path}: a portable model file ({', '.join(RUNTIMES)}); for a training "
+            "run use --model_dir"
+        )
+    module, name = RUNTIMES[suffix]
+    return getattr(importlib.import_module(module), name)(path, num_threads=num_threads)

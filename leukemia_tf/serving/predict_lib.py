@@ -59,7 +59,7 @@ from leukemia_tf import rundir
 from leukemia_tf.data import images as images_lib
 from leukemia_tf.data import preprocessing
 from leukemia_tf.models import trust as trust_lib
-from leukemia_tf.serving import signatures
+from leukemia_tf.serving import portable, signatures
 
 DEFAULT_PATH_COLUMN = "path"
 DEFAULT_SLIDE_COLUMN = "slide_id"
@@ -376,7 +376,7 @@ def _format(value: float) -> str:
 
 
 def predict(
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None,
     images: str,
     output: str | os.PathLike = "predictions.csv",
     *,
@@ -390,11 +390,17 @@ def predict(
     verbose: int = 1,
     tta: bool = False,
     adapt_bn: str = "",
+    model: str | os.PathLike | None = None,
 ) -> PredictResult:
     """Predicts every image of ``images`` and writes the CSV files.
 
     Args:
-      model_dir: a training run's output directory (local or ``gs://``).
+      model_dir: a training run's output directory (local or ``gs://``); None
+        with ``model``.
+      model: instead of a run, a portable model file exported by this package
+        (``.tflite``, :func:`leukemia_tf.serving.portable.load`). The same
+        images give the same CSV columns; ``which``, ``apply_temperature``,
+        ``tta`` and ``adapt_bn`` were fixed at export and are refused here.
       images: a folder, a glob or a CSV file (see the module docstring).
       output: the cell-level CSV; the errors and group CSVs go next to it
         (``<stem>_errors.csv``, ``<stem>_slides.csv``, ``<stem>_patients.csv``).
@@ -426,6 +432,8 @@ def predict(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch_size={batch_size!r}: must be a positive integer")
+    if (model_dir is None) == (model is None):
+        raise ValueError("give exactly one of --model_dir (a training run) and --model (a file)")
     items, group_columns = collect_inputs(images, path_column, slide_column, patient_column)
     adapt_bn = (adapt_bn or "").strip()
     if adapt_bn == ADAPT_INPUTS:
@@ -433,6 +441,132 @@ def predict(
     elif adapt_bn:
         found, _ = collect_inputs(adapt_bn, path_column)  # fail before loading the model
         adapt_paths, adapt_source = [i.path for i in found if not i.error], adapt_bn
+    if model is not None:
+        fixed = {
+            "which": which != "best",
+            "apply_temperature": apply_temperature,
+            "tta": tta,
+            "adapt_bn": bool(adapt_bn),
+        }
+        for flag, given in fixed.items():
+            if given:
+                raise ValueError(
+                    f"--{flag} applies to a training run (--model_dir); --model={model} was "
+                    "exported with it fixed (its export.json says how)"
+                )
+        portable_model = portable.load(model)
+        meta = portable_model.metadata
+        image_size = portable_model.image_size
+        table = _Table(
+            class_names=list(meta["class_names"]),
+            levels=[list(level) for level in meta.get("taxonomy_levels") or ()],
+            trust_keys=list(meta["trust_outputs"]),
+            selection=meta.get("selection"),
+        )
+        trust_note = None
+        if not set(trust_lib.FEATURE_SCORES) & set(table.trust_keys):
+            trust_note = (
+                "this model was exported without trust statistics: no mahalanobis/knn_distance "
+                "scores, no referral, no predicted_node"
+            )
+
+        def predict_batch(pixels):
+            return portable_model(pixels.numpy())
+
+        adaptation = None
+
+    else:
+        predict_batch, table, image_size, adaptation, trust_note = _run_model(
+            model_dir,
+            which=which,
+            batch_size=batch_size,
+            apply_temperature=apply_temperature,
+            read_threads=read_threads,
+            tta=tta,
+            adapt_bn=adapt_bn,
+            adapt_paths=adapt_paths if adapt_bn else None,
+            adapt_source=adapt_source if adapt_bn else None,
+        )
+    failures: dict[int, str] = {}
+    progress = keras.utils.Progbar(
+        len(items), verbose=verbose, unit_name="image", stateful_metrics=["failed"]
+    )
+    done: dict[int, dict[str, np.ndarray]] = {}
+    for indices, pixels in decoded_batches(items, image_size, batch_size, read_threads, failures):
+        outputs = predict_batch(pixels)
+        for row, index in enumerate(indices):
+            done[int(index)] = {k: v[row] for k, v in outputs.items()}
+        if verbose:
+            progress.update(
+                len(done) + len(failures), values=[("failed", len(failures))], finalize=False
+            )
+    if verbose:
+        progress.update(len(items), values=[("failed", len(failures))], finalize=True)
+
+    output = os.path.abspath(os.path.expanduser(os.fspath(output)))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    stem = os.path.splitext(output)[0]
+    _write_cells(output, items, done, group_columns, table)
+    errors_file = f"{stem}_errors.csv"
+    _write_errors(errors_file, items, failures, group_columns)
+    group_files = {}
+    for column in group_columns:
+        name = {DEFAULT_SLIDE_COLUMN: "slides", DEFAULT_PATIENT_COLUMN: "patients"}.get(
+            column, column
+        )
+        path = f"{stem}_{name}.csv"
+        if _write_groups(path, column, items, done, failures, table.class_names, table.selection):
+            group_files[column] = path
+    adaptation_file = f"{stem}_adaptation.json"
+    if adaptation is not None:
+        rundir.write_json(adaptation_file, {"adapted_batchnorm": adaptation})
+    else:
+        # A record left by an earlier adapted run must not describe these predictions.
+        if os.path.exists(adaptation_file):
+            os.remove(adaptation_file)
+        adaptation_file = None
+    failed = sorted(failures)
+    referred = None
+    if table.selection is not None:
+        referred = sum(bool(out[trust_lib.REFERRED]) for out in done.values())
+    return PredictResult(
+        output=output,
+        errors_file=errors_file,
+        group_files=group_files,
+        num_images=len(items),
+        num_predicted=len(done),
+        num_failed=len(failed),
+        failures=[(items[i].path, failures[i]) for i in failed],
+        adaptation=adaptation,
+        adaptation_file=adaptation_file,
+        num_referred=referred,
+        trust_note=trust_note,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """What the CSV writers need to know of a model's outputs."""
+
+    class_names: list[str]
+    levels: list[list[str]]  # taxonomy levels of a hierarchical head, else []
+    trust_keys: list[str]  # trust_lib.output_keys of the model
+    selection: dict | None  # the fitted referral (trust statistics), or None
+
+
+def _run_model(
+    model_dir,
+    *,
+    which,
+    batch_size,
+    apply_temperature,
+    read_threads,
+    tta,
+    adapt_bn,
+    adapt_paths,
+    adapt_source,
+):
+    """The batch function, output table, input size, adaptation and trust note of a run."""
     model_dir = rundir.check_model_dir(model_dir)
     if apply_temperature:
         rundir.check_calibration(model_dir)
@@ -462,65 +596,22 @@ def predict(
         logging.warning("%s", trust_note)
 
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
-    def predict_batch(pixels):
+    def forward(pixels):
         outputs = trained.forward(tf.cast(pixels, tf.float32), features=stats is not None)
         return signatures.postprocess(outputs, label_space, temperature, stats)
 
-    failures: dict[int, str] = {}
-    progress = keras.utils.Progbar(
-        len(items), verbose=verbose, unit_name="image", stateful_metrics=["failed"]
-    )
-    done: dict[int, dict[str, np.ndarray]] = {}
-    for indices, pixels in decoded_batches(items, image_size, batch_size, read_threads, failures):
-        outputs = {k: v.numpy() for k, v in predict_batch(pixels).items()}
-        for row, index in enumerate(indices):
-            done[int(index)] = {k: v[row] for k, v in outputs.items()}
-        if verbose:
-            progress.update(
-                len(done) + len(failures), values=[("failed", len(failures))], finalize=False
-            )
-    if verbose:
-        progress.update(len(items), values=[("failed", len(failures))], finalize=True)
+    def predict_batch(pixels):
+        return {k: v.numpy() for k, v in forward(pixels).items()}
 
-    output = os.path.abspath(os.path.expanduser(os.fspath(output)))
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    stem = os.path.splitext(output)[0]
-    _write_cells(output, items, done, group_columns, trained)
-    errors_file = f"{stem}_errors.csv"
-    _write_errors(errors_file, items, failures, group_columns)
-    group_files = {}
-    for column in group_columns:
-        name = {DEFAULT_SLIDE_COLUMN: "slides", DEFAULT_PATIENT_COLUMN: "patients"}.get(
-            column, column
-        )
-        path = f"{stem}_{name}.csv"
-        if _write_groups(path, column, items, done, failures, label_space.class_names, stats):
-            group_files[column] = path
-    adaptation_file = f"{stem}_adaptation.json"
-    if adaptation is not None:
-        rundir.write_json(adaptation_file, {"adapted_batchnorm": adaptation})
-    else:
-        # A record left by an earlier adapted run must not describe these predictions.
-        if os.path.exists(adaptation_file):
-            os.remove(adaptation_file)
-        adaptation_file = None
-    failed = sorted(failures)
-    referred = None
-    if stats is not None and stats.selection is not None:
-        referred = sum(bool(out[trust_lib.REFERRED]) for out in done.values())
-    return PredictResult(
-        output=output,
-        errors_file=errors_file,
-        group_files=group_files,
-        num_images=len(items),
-        num_predicted=len(done),
-        num_failed=len(failed),
-        failures=[(items[i].path, failures[i]) for i in failed],
-        adaptation=adaptation,
-        adaptation_file=adaptation_file,
-        num_referred=referred,
-        trust_note=trust_note,
+    table = _Table(
+        class_names=list(trained.class_names),
+        levels=[list(level) for level in trained.taxonomy.levels]
+        if label_space.head == "hierarchical"
+        else [],
+        trust_keys=trust_lib.output_keys(stats),
+        selection=stats.selection if stats is not None else None,
     )
+    return predict_batch, table, image_size, adaptation, trust_note
 
 
 # ------------------------------------------------------------------ writers
@@ -529,18 +620,15 @@ def _write_cells(
     items: Sequence[InputImage],
     done: dict[int, dict[str, np.ndarray]],
     group_columns: Sequence[str],
-    trained: rundir.TrainedModel,
+    table: _Table,
 ) -> None:
-    class_names = trained.class_names
-    hierarchical = trained.label_space.head == "hierarchical"
-    levels = trained.taxonomy.levels if hierarchical else ()
+    class_names = table.class_names
+    levels = table.levels
     header = ["file", *group_columns, "predicted_class", "probability"]
     header += [f"prob_{name}" for name in class_names]
     for k in range(len(levels)):
         header += [f"level_{k}_decision", f"level_{k}_probability"]
-    trust_keys = [
-        k for k in trust_lib.output_keys(trained.trust) if k != trust_lib.PREDICTED_NODE_PROBABILITY
-    ]
+    trust_keys = [k for k in table.trust_keys if k != trust_lib.PREDICTED_NODE_PROBABILITY]
     header += trust_keys
     with rundir.open_whole(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -590,7 +678,7 @@ def _write_groups(
     done: dict[int, dict[str, np.ndarray]],
     failures: dict[int, str],
     class_names: Sequence[str],
-    stats: trust_lib.TrustStatistics | None = None,
+    selection: dict | None = None,
 ) -> bool:
     """Writes the group-level CSV; returns False (and writes nothing) without any group id.
 
@@ -618,7 +706,6 @@ def _write_groups(
     header += ["mean_prediction", "mean_probability"]
     header += [f"mean_prob_{name}" for name in class_names]
     header += [f"votes_{name}" for name in class_names]
-    selection = stats.selection if stats is not None else None
     referred_per_group: collections.Counter = collections.Counter()
     if selection is not None:
         header += ["n_referred", "referred"]
