@@ -318,6 +318,20 @@ def test_the_reference_comparison_would_catch_mapping_errors(tiny, tmp_path):
     assert far(np.asarray(model(x)))
 
 
+def test_published_weights_path_and_architecture_check_offline(tiny, tmp_path, monkeypatch):
+    # weights="imagenet" loads MODELS' keras-hub preset; a local one stands in for Kaggle.
+    t = _checkpoint()
+    directory = _convert(tmp_path, t)
+    monkeypatch.setitem(dinov2.MODELS, "dinov2_small", ("s", directory))
+    model = build_backbone("dinov2_small", image_size=42, weights="imagenet")
+    x = _pixels(42)
+    np.testing.assert_allclose(np.asarray(model(x)), _reference(t, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(
+        ValueError, match=r"does not hold this architecture: hidden_dim=48 \(expected 768\)"
+    ):
+        build_backbone("dinobloom_b", image_size=28, weights=directory)
+
+
 @pytest.mark.parametrize(("m", "n"), [(2, 3), (2, 4), (4, 3), (16, 8), (16, 20), (37, 16)])
 def test_position_interpolation_matches_pytorch_bicubic(m, n):
     rng = np.random.default_rng(m * 100 + n)

@@ -299,7 +299,7 @@ def build_dinov2(
             "release), convert it with 'python -m leukemia_tf.convert_backbone "
             "--checkpoint=FILE --size=s|b|l --output=DIR' and pass --weights=DIR"
         )
-    target = _encoder(config, image_size, name=f"{name}_encoder")
+    source = None
     if weights == "imagenet":
         what = (
             f"the keras-hub preset '{preset}' for '{name}'; presets are downloaded from Kaggle "
@@ -308,7 +308,6 @@ def build_dinov2(
         )
         source = _load_preset(preset, what)
         _check_architecture(source, config, f"keras-hub preset '{preset}'")
-        transfer_weights(source, target)
     elif weights != "none":
         directory = Path(os.fspath(weights))
         source = _load_preset(
@@ -318,6 +317,8 @@ def build_dinov2(
             ValueError,
         )
         _check_architecture(source, config, f"weights directory {directory} (backbone '{name}')")
+    target = _encoder(config, image_size, name=f"{name}_encoder")
+    if source is not None:
         transfer_weights(source, target)
 
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
