@@ -2,7 +2,7 @@
 
 # Registers the built-in backbones and their custom layers (needed to reload
 # a saved model that contains them).
-from leukemia_tf.models import backbones, cnn  # noqa: F401
+from leukemia_tf.models import backbones, cnn, dinov2  # noqa: F401
 from leukemia_tf.models.augment import (
     Augmenter,
     build_augmenter,

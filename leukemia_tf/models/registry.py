@@ -8,7 +8,8 @@ signature) needs to know which backbone is inside.
 Register a builder with :func:`register_backbone` (timm's ``@register_model``
 pattern); build one with :func:`build_backbone`. The builder receives the
 already-validated keyword arguments ``image_size``, ``weights``
-(``"imagenet"`` or ``"none"``; a file path is loaded here, after the build),
+(``"imagenet"`` or ``"none"``; a file path is loaded here, after the build;
+a directory is passed on to builders registered with ``weights_dir=True``),
 and ``drop_path_rate``; :func:`build_backbone` applies ``bn_momentum`` and the
 weights file afterwards, the same way for every family.
 """
@@ -27,10 +28,14 @@ import keras
 from leukemia_tf.cli import closest_first
 
 #: Families of backbones (what users filter by in ``list_backbones``).
-FAMILIES = ("efficientnet", "efficientnetv2", "convnext", "vit", "mobilenetv3", "cnn")
+FAMILIES = ("efficientnet", "efficientnetv2", "convnext", "vit", "dinov2", "mobilenetv3", "cnn")
 
 #: Modules whose import registers the built-in backbones.
-_BUILTIN_MODULES = ("leukemia_tf.models.backbones", "leukemia_tf.models.cnn")
+_BUILTIN_MODULES = (
+    "leukemia_tf.models.backbones",
+    "leukemia_tf.models.dinov2",
+    "leukemia_tf.models.cnn",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,8 @@ class BackboneSpec:
       min_image_size: the smallest input side the architecture accepts.
       image_size_multiple: the input side must be a multiple of this (ViT
         patches), 1 otherwise.
+      weights_dir: the builder also takes a directory as ``weights`` (a
+        keras-hub preset directory, e.g. converted DinoBloom weights).
     """
 
     name: str
@@ -55,6 +62,7 @@ class BackboneSpec:
     builder: Callable[..., keras.Model]
     min_image_size: int = 32
     image_size_multiple: int = 1
+    weights_dir: bool = False
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -69,6 +77,7 @@ def register_backbone(
     slow: bool = False,
     min_image_size: int = 32,
     image_size_multiple: int = 1,
+    weights_dir: bool = False,
 ) -> Callable[[Callable[..., keras.Model]], Callable[..., keras.Model]]:
     """Decorator: registers ``builder`` under ``name``.
 
@@ -79,6 +88,8 @@ def register_backbone(
       slow: mark backbones that are too big for the fast test suite.
       min_image_size: smallest accepted input side.
       image_size_multiple: the input side must be a multiple of this.
+      weights_dir: the builder accepts a directory as ``weights`` and loads it
+        itself (otherwise a directory is refused).
 
     Returns:
       A decorator that registers the builder and returns it unchanged.
@@ -100,6 +111,7 @@ def register_backbone(
             builder=builder,
             min_image_size=int(min_image_size),
             image_size_multiple=int(image_size_multiple),
+            weights_dir=bool(weights_dir),
         )
         return builder
 
@@ -164,7 +176,9 @@ def build_backbone(
         time), ``"none"`` (random initialisation) or the path of a
         ``.weights.h5`` or ``.keras`` file holding this backbone's weights (a
         backbone saved on its own or a whole classifier built by
-        :func:`leukemia_tf.models.build_classifier`).
+        :func:`leukemia_tf.models.build_classifier`); for backbones
+        registered with ``weights_dir`` (DINOv2, DinoBloom) also a keras-hub
+        preset directory, which the builder loads (any image size).
       bn_momentum: if set, the momentum of every BatchNormalization layer.
         ``keras.applications`` uses 0.99-0.999, which suits long ImageNet runs;
         from-scratch training on a few thousand images needs about 0.9 (at
@@ -180,7 +194,7 @@ def build_backbone(
     Raises:
       ValueError: unknown name, bad image size, weights value or momentum;
         a weights file that does not fit the backbone.
-      FileNotFoundError: ``weights`` names a file that does not exist.
+      FileNotFoundError: ``weights`` names a path that does not exist.
     """
     spec = get_backbone_spec(name)
     image_size = _check_image_size(spec, image_size)
@@ -198,17 +212,26 @@ def build_backbone(
         build_weights = "imagenet"
     else:
         weights_path = Path(weights).expanduser()
-        if not weights_path.is_file():
+        if weights_path.is_dir():
+            if not spec.weights_dir:
+                raise ValueError(
+                    f"weights {weights_path} is a directory; backbone '{name}' takes a "
+                    "'.weights.h5' or '.keras' file"
+                )
+            build_weights, weights_path = str(weights_path), None
+        elif not weights_path.is_file():
+            directory = " or of a keras-hub preset directory" if spec.weights_dir else ""
             raise FileNotFoundError(
                 f"weights file not found: {weights_path} (weights must be 'imagenet', 'none' or "
-                "the path of a .weights.h5 or .keras file)"
+                f"the path of a .weights.h5 or .keras file{directory})"
             )
-        if not (weights_path.name.endswith(".weights.h5") or weights_path.suffix == ".keras"):
+        elif not (weights_path.name.endswith(".weights.h5") or weights_path.suffix == ".keras"):
             raise ValueError(
                 f"weights file {weights_path}: unsupported format; use a Keras "
                 "'.weights.h5' or '.keras' file"
             )
-        build_weights = "none"
+        else:
+            build_weights = "none"
 
     model = spec.builder(
         image_size=image_size, weights=build_weights, drop_path_rate=float(drop_path_rate)

@@ -71,7 +71,8 @@ class TrainConfig:
     weights: str = _field(
         "none",
         "'imagenet' (published weights, needs internet), 'none' (random init) or a PATH to a "
-        "weights file for the backbone.",
+        "weights file for the backbone (DINOv2 / DinoBloom: also a preset directory written by "
+        "leukemia_tf.convert_backbone).",
     )
     head: str = _field(
         "flat",
