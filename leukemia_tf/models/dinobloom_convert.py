@@ -411,6 +411,7 @@ def to_keras(tensors: dict[str, np.ndarray], size: str, config: dict | None = No
     config = dinov2.size_config(size) if config is None else dict(config)
     grid = check_tensors(tensors, size, config)
     side = grid * dinov2.PATCH_SIZE
+    dinov2._require_keras_hub()
     backbone = dinov2.DINOV2Backbone(
         patch_size=dinov2.PATCH_SIZE,
         **config,

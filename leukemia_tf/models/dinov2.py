@@ -40,7 +40,11 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras_hub.src.models.dinov2.dinov2_backbone import DINOV2Backbone
+
+try:
+    from keras_hub.src.models.dinov2.dinov2_backbone import DINOV2Backbone
+except ImportError:  # keras-hub without DINOv2: the other backbones still work
+    DINOV2Backbone = None
 
 from leukemia_tf.models.backbones import ClassTokenPooling
 from leukemia_tf.models.registry import register_backbone
@@ -152,38 +156,52 @@ def _load_all_variables(layer: keras.layers.Layer, store) -> None:
     keras.layers.Layer.load_own_variables(layer, store)
 
 
-@keras.saving.register_keras_serializable(package="leukemia_tf")
-class DinoV2Encoder(DINOV2Backbone):
-    """keras-hub's ``DINOV2Backbone`` whose position embeddings save and load verbatim.
+def _require_keras_hub() -> None:
+    """A clear error where the installed keras-hub has no (tested) DINOv2."""
+    if DINOV2Backbone is None:
+        import keras_hub
 
-    keras-hub 0.32 keeps two copies of the position embeddings: the trainable
-    one used in the forward pass and a frozen one at the pre-training grid
-    that it saves, re-interpolating the trained copy back only when the
-    *signed sum* of its change is positive, and that it re-interpolates on
-    every load. A fine-tuned position embedding was thus lost on reload about
-    half the time. The models of this package are built with both grids
-    equal (``position_embedding_shape`` = ``image_shape``) and this class
-    saves and loads the embedding layer's variables as they are.
-    """
+        raise ImportError(
+            f"the DINOv2/DinoBloom backbones need keras-hub with DINOV2Backbone (tested: "
+            f"0.32); installed: {keras_hub.__version__}. pip install -U keras-hub"
+        )
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        embeddings = self.embeddings
-        if tuple(embeddings.image_shape) != tuple(embeddings.position_embedding_shape):
-            raise ValueError(
-                "DinoV2Encoder needs position_embedding_shape == image_shape, got "
-                f"{embeddings.position_embedding_shape} and {embeddings.image_shape}"
+
+if DINOV2Backbone is not None:
+
+    @keras.saving.register_keras_serializable(package="leukemia_tf")
+    class DinoV2Encoder(DINOV2Backbone):
+        """keras-hub's ``DINOV2Backbone`` whose position embeddings save and load verbatim.
+
+        keras-hub 0.32 keeps two copies of the position embeddings: the trainable
+        one used in the forward pass and a frozen one at the pre-training grid
+        that it saves, re-interpolating the trained copy back only when the
+        *signed sum* of its change is positive, and that it re-interpolates on
+        every load. A fine-tuned position embedding was thus lost on reload about
+        half the time. The models of this package are built with both grids
+        equal (``position_embedding_shape`` = ``image_shape``) and this class
+        saves and loads the embedding layer's variables as they are.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            embeddings = self.embeddings
+            if tuple(embeddings.image_shape) != tuple(embeddings.position_embedding_shape):
+                raise ValueError(
+                    "DinoV2Encoder needs position_embedding_shape == image_shape, got "
+                    f"{embeddings.position_embedding_shape} and {embeddings.image_shape}"
+                )
+            # Instance attributes win over the class's methods when Keras saves or loads.
+            object.__setattr__(
+                embeddings, "save_own_variables", functools.partial(_save_all_variables, embeddings)
             )
-        # Instance attributes win over the class's methods when Keras saves or loads.
-        object.__setattr__(
-            embeddings, "save_own_variables", functools.partial(_save_all_variables, embeddings)
-        )
-        object.__setattr__(
-            embeddings, "load_own_variables", functools.partial(_load_all_variables, embeddings)
-        )
+            object.__setattr__(
+                embeddings, "load_own_variables", functools.partial(_load_all_variables, embeddings)
+            )
 
 
 def _encoder(config: dict, image_size: int, name: str) -> DinoV2Encoder:
+    _require_keras_hub()
     return DinoV2Encoder(
         patch_size=PATCH_SIZE,
         **config,
@@ -245,6 +263,7 @@ def transfer_weights(source: DINOV2Backbone, target: DinoV2Encoder) -> None:
 
 
 def _load_preset(preset: str, what: str, error: type[Exception] = RuntimeError) -> DINOV2Backbone:
+    _require_keras_hub()
     try:
         # keras-hub applies the global dtype policy (mixed precision) itself.
         return DINOV2Backbone.from_preset(preset)
