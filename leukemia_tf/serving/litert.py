@@ -387,15 +387,11 @@ def export_litert(
         trained, quantize=quantize, temperature=temperature, representative=representative
     )
     portable.warn_without_trust(trained, prepared.model_dir, ".tflite")
-    meta = portable.metadata(
-        trained,
+    meta = portable.export_metadata(
+        prepared,
         model_format="litert",
-        source_model_dir=prepared.model_dir,
-        checkpoint=which,
-        temperature=temperature,
+        which=which,
         apply_temperature=apply_temperature,
-        adapted_batchnorm=prepared.adapted_batchnorm,
-        version=prepared.version,
         quantization={
             "mode": quantize,
             "calibration_images": int(len(representative)) if representative is not None else 0,

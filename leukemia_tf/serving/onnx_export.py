@@ -306,15 +306,11 @@ def export_onnx(
     trained, temperature = prepared.trained, prepared.temperature
     proto = convert(trained, temperature=temperature, opset=opset)
     portable.warn_without_trust(trained, prepared.model_dir, ".onnx")
-    meta = portable.metadata(
-        trained,
+    meta = portable.export_metadata(
+        prepared,
         model_format="onnx",
-        source_model_dir=prepared.model_dir,
-        checkpoint=which,
-        temperature=temperature,
+        which=which,
         apply_temperature=apply_temperature,
-        adapted_batchnorm=prepared.adapted_batchnorm,
-        version=prepared.version,
         onnx={
             "opset": opset,
             "ir_version": int(proto.ir_version),

@@ -132,6 +132,28 @@ def metadata(
     }
 
 
+def export_metadata(
+    prepared: export_lib.PreparedExport,
+    *,
+    model_format: str,
+    which: str,
+    apply_temperature: bool,
+    **extra,
+) -> dict:
+    """:func:`metadata` of a prepared export (its model, source, temperature, version)."""
+    return metadata(
+        prepared.trained,
+        model_format=model_format,
+        source_model_dir=prepared.model_dir,
+        checkpoint=which,
+        temperature=prepared.temperature,
+        apply_temperature=apply_temperature,
+        adapted_batchnorm=prepared.adapted_batchnorm,
+        version=prepared.version,
+        **extra,
+    )
+
+
 def _names(table: list[str], ids: np.ndarray) -> np.ndarray:
     """``table[i]`` as bytes for every id (``b""`` for -1), like the SavedModel's strings."""
     lookup = np.array([name.encode("utf-8") for name in table] + [b""], dtype=object)
