@@ -10,7 +10,8 @@ requests. See :mod:`leukemia_tf.serving.export_lib`.
 microscopes, phones and small PCs (input: RGB uint8 at the training size,
 decoded outside the graph), optionally quantized (``--quantize``), with
 ``labels.txt`` and ``export.json`` beside it. See
-:mod:`leukemia_tf.serving.litert`.
+:mod:`leukemia_tf.serving.litert`. ``--format=onnx`` writes the same graph as
+``model.onnx`` (:mod:`leukemia_tf.serving.onnx_export`).
 
 Example::
 
@@ -34,14 +35,18 @@ from absl import flags
 
 from leukemia_tf import cli
 
-FORMATS = ("saved_model", "litert")
+FORMATS = ("saved_model", "litert", "onnx")
 
 _FORMAT = flags.DEFINE_enum(
     "format",
     "saved_model",
     FORMATS,
     "saved_model: TF Serving (image bytes in). litert: a .tflite for devices (uint8 RGB "
-    "pixels at the training size in; builtin ops only).",
+    "pixels at the training size in; builtin ops only). onnx: model.onnx, the same graph as "
+    "litert, for ONNX Runtime (pip install 'leukemia_tf[onnx]').",
+)
+_OPSET = flags.DEFINE_integer(
+    "opset", 15, "--format=onnx: the ONNX opset (15 runs on ONNX Runtime >= 1.10)."
 )
 _QUANTIZE = flags.DEFINE_enum(
     "quantize",
@@ -104,17 +109,18 @@ flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 def _check_format_flags() -> None:
     """Flags that only one format reads, given with the other, are an error."""
-    given = {name for name in ("quantize", "calibration_images") if flags.FLAGS[name].present}
-    if _FORMAT.value != "litert" and given:
-        raise cli.UserError(
-            f"--{sorted(given)[0]} is an option of --format=litert (this is --format="
-            f"{_FORMAT.value})"
-        )
-    if _FORMAT.value == "litert":
+    owners = {"quantize": "litert", "calibration_images": "litert", "opset": "onnx"}
+    for name, owner in owners.items():
+        if flags.FLAGS[name].present and _FORMAT.value != owner:
+            raise cli.UserError(
+                f"--{name} is an option of --format={owner} (this is --format={_FORMAT.value})"
+            )
+    if _FORMAT.value != "saved_model":
         for name in ("model_name", "warmup"):
             if flags.FLAGS[name].present:
                 raise cli.UserError(
-                    f"--{name} is an option of --format=saved_model (TF Serving), not litert"
+                    f"--{name} is an option of --format=saved_model (TF Serving), not "
+                    f"{_FORMAT.value}"
                 )
     if flags.FLAGS["calibration_images"].present and _QUANTIZE.value != "int8":
         raise cli.UserError(
@@ -127,8 +133,8 @@ def main(argv: Sequence[str]) -> None:
     if _VERSION.value is not None and _VERSION.value < 1:
         raise cli.UserError(f"--version={_VERSION.value}: must be a positive integer")
     _check_format_flags()
-    if _FORMAT.value == "litert":
-        _export_litert()
+    if _FORMAT.value != "saved_model":
+        _export_portable(_FORMAT.value)
         return
     from leukemia_tf.serving import export_lib  # heavy imports after flag parsing
 
@@ -178,22 +184,36 @@ def _adaptation_line(adapted: dict | None) -> str:
     return f"  --adapt_bn: {adapted['note']}\n"
 
 
-def _export_litert() -> None:
-    from leukemia_tf.serving import litert  # heavy imports after flag parsing
-
+def _export_portable(model_format: str) -> None:
+    """``--format=litert`` or ``onnx``."""
+    # Heavy imports after flag parsing.
+    common = dict(
+        version=_VERSION.value,
+        which=_WHICH.value,
+        apply_temperature=_APPLY_TEMPERATURE.value,
+        check_images=_WARMUP_IMAGES.value,
+        verify=_VERIFY.value,
+        adapt_bn=_ADAPT_BN.value,
+    )
     try:
-        result = litert.export_litert(
-            _MODEL_DIR.value,
-            _EXPORT_DIR.value,
-            version=_VERSION.value,
-            which=_WHICH.value,
-            apply_temperature=_APPLY_TEMPERATURE.value,
-            quantize=_QUANTIZE.value,
-            calibration_images_count=_CALIBRATION_IMAGES.value,
-            check_images=_WARMUP_IMAGES.value,
-            verify=_VERIFY.value,
-            adapt_bn=_ADAPT_BN.value,
-        )
+        if model_format == "litert":
+            from leukemia_tf.serving import litert
+
+            result = litert.export_litert(
+                _MODEL_DIR.value,
+                _EXPORT_DIR.value,
+                quantize=_QUANTIZE.value,
+                calibration_images_count=_CALIBRATION_IMAGES.value,
+                **common,
+            )
+            detail = f"quantization {result.quantize}"
+        else:
+            from leukemia_tf.serving import onnx_export
+
+            result = onnx_export.export_onnx(
+                _MODEL_DIR.value, _EXPORT_DIR.value, opset=_OPSET.value, **common
+            )
+            detail = f"opset {result.opset}"
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         raise cli.UserError(f"export failed: {e}") from e
     check = result.check
@@ -205,7 +225,7 @@ def _export_litert() -> None:
     )
     print(
         f"\nExported version {result.version} to {result.file} "
-        f"({result.size_bytes / 2**20:.1f} MiB, quantization {result.quantize})\n"
+        f"({result.size_bytes / 2**20:.1f} MiB, {detail})\n"
         f"{_adaptation_line(result.adapted_batchnorm)}"
         f"  temperature {result.temperature:g}, {checked}\n"
         "  input: uint8 [N, S, S, 3] RGB at the training size, decoded outside the graph "

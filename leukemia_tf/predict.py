@@ -36,7 +36,8 @@ _MODEL = flags.DEFINE_string(
     "model",
     None,
     "Instead of --model_dir: a portable model file written by leukemia_tf.export "
-    "(--format=litert: model.tflite), run with the LiteRT interpreter; the same CSV columns.",
+    "(--format=litert: model.tflite, run by the LiteRT interpreter; --format=onnx: "
+    "model.onnx, run by ONNX Runtime); the same CSV columns.",
 )
 _IMAGES = flags.DEFINE_string(
     "images",

@@ -45,11 +45,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from leukemia_tf import rundir
 from leukemia_tf.models import trust as trust_lib
-from leukemia_tf.serving import portable, signatures
+from leukemia_tf.serving import portable
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 
@@ -63,7 +62,7 @@ METADATA_NAME = "leukemia_tf"
 DEFAULT_CALIBRATION_IMAGES = 200
 
 #: Largest probability difference tolerated between a float32 ``.tflite`` and the Keras model.
-FLOAT_TOLERANCE = 1e-4
+FLOAT_TOLERANCE = portable.FLOAT_TOLERANCE
 
 
 class LiteRTError(RuntimeError):
@@ -293,17 +292,9 @@ class LiteRTModel:
             meta = read_metadata(content)
         except Exception as e:  # noqa: BLE001 - not a flatbuffer at all
             raise ValueError(f"--model={self.path}: not a LiteRT (.tflite) model ({e})") from e
-        if meta is None:
-            raise ValueError(
-                f"--model={self.path}: a .tflite without leukemia_tf metadata (class names, "
-                "input size); export it with python -m leukemia_tf.export --format=litert"
-            )
-        if meta.get("format_version") != portable.FORMAT_VERSION:
-            raise ValueError(
-                f"--model={self.path}: metadata format {meta.get('format_version')!r}, this "
-                f"version of leukemia_tf reads {portable.FORMAT_VERSION}"
-            )
-        self.metadata = meta
+        self.metadata = meta = portable.checked_metadata(
+            meta, self.path, kind=".tflite", model_format="litert"
+        )
         self.image_size = int(meta["image_size"])
         self.class_names = list(meta["class_names"])
         self._interpreter = _interpreter(content, num_threads)
@@ -334,22 +325,8 @@ class LiteRTResult:
     adapted_batchnorm: dict | None = None
 
 
-def compare(
-    model: LiteRTModel | Callable, trained: rundir.TrainedModel, pixels: np.ndarray, temperature
-) -> dict:
-    """The ``.tflite`` against the Keras model on ``uint8 [N, S, S, 3]`` pixels.
-
-    Returns:
-      ``{"images", "max_abs_difference", "top1_agreement"}`` (probabilities).
-    """
-    outputs = {k: tf.constant(v) for k, v in trained.outputs(pixels).items()}
-    expected = trained.label_space.probabilities(outputs, temperature).numpy()
-    got = model.numeric(pixels)[signatures.PROBABILITIES]
-    return {
-        "images": int(len(pixels)),
-        "max_abs_difference": float(np.max(np.abs(got - expected))),
-        "top1_agreement": float(np.mean(got.argmax(-1) == expected.argmax(-1))),
-    }
+#: The ``.tflite`` against the Keras model on ``uint8 [N, S, S, 3]`` pixels.
+compare = portable.compare
 
 
 def export_litert(
@@ -387,8 +364,7 @@ def export_litert(
       FileNotFoundError, FileExistsError, ValueError: bad input (named).
       LiteRTError: conversion failed, or a float32 file disagrees.
     """
-    from leukemia_tf.data import preprocessing
-    from leukemia_tf.serving import export_lib, warmup
+    from leukemia_tf.serving import export_lib
 
     check_quantize(quantize)
     if quantize == "int8" and calibration_images_count < 1:
@@ -410,22 +386,12 @@ def export_litert(
     flatbuffer = convert(
         trained, quantize=quantize, temperature=temperature, representative=representative
     )
-    if trained.trust is None:
-        logging.warning(
-            "%s has no trust statistics: the .tflite returns the logit scores only; fit them "
-            "first with %s",
-            prepared.model_dir,
-            trust_lib.fit_command(prepared.model_dir),
-        )
-    meta = portable.metadata(
-        trained,
+    portable.warn_without_trust(trained, prepared.model_dir, ".tflite")
+    meta = portable.export_metadata(
+        prepared,
         model_format="litert",
-        source_model_dir=prepared.model_dir,
-        checkpoint=which,
-        temperature=temperature,
+        which=which,
         apply_temperature=apply_temperature,
-        adapted_batchnorm=prepared.adapted_batchnorm,
-        version=prepared.version,
         quantization={
             "mode": quantize,
             "calibration_images": int(len(representative)) if representative is not None else 0,
@@ -437,35 +403,18 @@ def export_litert(
     )
     check = None
     if verify:
-        encoded = (
-            warmup.read_image_files(check_images)
-            if check_images
-            else warmup.dataset_images(trained.config)
-        ) + warmup.coverage_images(trained.image_size)
-        pixels = np.stack(
-            [preprocessing.decode_and_resize(b, trained.image_size).numpy() for b in encoded]
+        check = portable.verify(
+            _BytesModel(flatbuffer),
+            trained,
+            temperature,
+            check_images=check_images,
+            strict=quantize == "none",
+            error=LiteRTError,
+            what="the float32 .tflite",
         )
-        check = compare(_BytesModel(flatbuffer), trained, pixels, temperature)
-        if quantize == "none" and not check["max_abs_difference"] <= FLOAT_TOLERANCE:
-            raise LiteRTError(
-                f"the float32 .tflite disagrees with the Keras model by "
-                f"{check['max_abs_difference']:.2e} (tolerance {FLOAT_TOLERANCE:g}) on "
-                f"{check['images']} image(s)"
-            )
-        meta["check"] = {
-            **check,
-            "against": "the Keras model (float32) on the same uint8 pixels",
-        }
+        meta["check"] = {**check, "against": portable.CHECK_AGAINST}
     flatbuffer = embed_metadata(flatbuffer, meta)
-    staging = prepared.staging()
-    try:
-        with open(os.path.join(staging, MODEL_FILE), "wb") as f:
-            f.write(flatbuffer)
-        export_lib.write_assets(trained, staging, meta)
-        prepared.commit(staging)
-    except BaseException:
-        prepared.abandon(staging)
-        raise
+    portable.write_version(prepared, MODEL_FILE, flatbuffer, meta)
     return LiteRTResult(
         path=prepared.final,
         file=os.path.join(prepared.final, MODEL_FILE),

@@ -30,10 +30,11 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from leukemia_tf import rundir
 from leukemia_tf.models import trust as trust_lib
-from leukemia_tf.serving import signatures
+from leukemia_tf.serving import export_lib, signatures
 
 #: The input name of every portable model.
 INPUT = "pixels"
@@ -131,6 +132,28 @@ def metadata(
     }
 
 
+def export_metadata(
+    prepared: export_lib.PreparedExport,
+    *,
+    model_format: str,
+    which: str,
+    apply_temperature: bool,
+    **extra,
+) -> dict:
+    """:func:`metadata` of a prepared export (its model, source, temperature, version)."""
+    return metadata(
+        prepared.trained,
+        model_format=model_format,
+        source_model_dir=prepared.model_dir,
+        checkpoint=which,
+        temperature=prepared.temperature,
+        apply_temperature=apply_temperature,
+        adapted_batchnorm=prepared.adapted_batchnorm,
+        version=prepared.version,
+        **extra,
+    )
+
+
 def _names(table: list[str], ids: np.ndarray) -> np.ndarray:
     """``table[i]`` as bytes for every id (``b""`` for -1), like the SavedModel's strings."""
     lookup = np.array([name.encode("utf-8") for name in table] + [b""], dtype=object)
@@ -158,12 +181,141 @@ def with_names(outputs: Mapping[str, np.ndarray], meta: Mapping) -> dict[str, np
     return out
 
 
+# ------------------------------------------------- what the exports share
+#: Largest probability difference tolerated between a float32 portable model and the Keras model.
+FLOAT_TOLERANCE = 1e-4
+
+#: What :func:`verify` compares a portable model with.
+CHECK_AGAINST = "the Keras model (float32) on the same uint8 pixels"
+
+
+def checked_metadata(meta: Mapping | None, path: str, *, kind: str, model_format: str) -> dict:
+    """``meta`` read from the portable model ``path``, if this version of the package reads it.
+
+    Args:
+      meta: the embedded metadata, None where the file has none.
+      path: the file (for the messages).
+      kind: what the file is, e.g. ``".tflite"`` (for the messages).
+      model_format: its ``--format`` (for the messages).
+
+    Raises:
+      ValueError: no metadata, or a format this version does not read.
+    """
+    if meta is None:
+        raise ValueError(
+            f"--model={path}: a {kind} without leukemia_tf metadata (class names, input "
+            f"size); export it with python -m leukemia_tf.export --format={model_format}"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"--model={path}: metadata format {meta.get('format_version')!r}, this "
+            f"version of leukemia_tf reads {FORMAT_VERSION}"
+        )
+    return dict(meta)
+
+
+def warn_without_trust(trained: rundir.TrainedModel, model_dir: str, kind: str) -> None:
+    """Logs that ``kind`` has the logit scores only when the run has no trust statistics."""
+    if trained.trust is None:
+        logging.warning(
+            "%s has no trust statistics: the %s returns the logit scores only; fit them "
+            "first with %s",
+            model_dir,
+            kind,
+            trust_lib.fit_command(model_dir),
+        )
+
+
+def check_pixels(trained: rundir.TrainedModel, check_images: str | None = None) -> np.ndarray:
+    """The images a portable model is checked on, ``uint8 [N, S, S, 3]``.
+
+    ``check_images`` (a glob, folder or file list of real images), else the
+    run's validation split when at hand; the generated coverage images are
+    always added. Decoded and resized as the input contract says.
+    """
+    from leukemia_tf.data import preprocessing
+    from leukemia_tf.serving import warmup
+
+    encoded = (
+        warmup.read_image_files(check_images)
+        if check_images
+        else warmup.dataset_images(trained.config)
+    ) + warmup.coverage_images(trained.image_size)
+    return np.stack(
+        [preprocessing.decode_and_resize(b, trained.image_size).numpy() for b in encoded]
+    )
+
+
+def compare(model, trained: rundir.TrainedModel, pixels: np.ndarray, temperature: float) -> dict:
+    """A portable model (anything with ``numeric(pixels)``) against the Keras model.
+
+    Returns:
+      ``{"images", "max_abs_difference", "top1_agreement"}`` (probabilities).
+    """
+    outputs = {k: tf.constant(v) for k, v in trained.outputs(pixels).items()}
+    expected = trained.label_space.probabilities(outputs, temperature).numpy()
+    got = model.numeric(pixels)[signatures.PROBABILITIES]
+    return {
+        "images": int(len(pixels)),
+        "max_abs_difference": float(np.max(np.abs(got - expected))),
+        "top1_agreement": float(np.mean(got.argmax(-1) == expected.argmax(-1))),
+    }
+
+
+def verify(
+    model,
+    trained: rundir.TrainedModel,
+    temperature: float,
+    *,
+    check_images: str | None = None,
+    strict: bool = True,
+    error: type[Exception] = RuntimeError,
+    what: str = "the portable model",
+) -> dict:
+    """:func:`compare` on :func:`check_pixels`; ``strict``: within :data:`FLOAT_TOLERANCE`.
+
+    Raises:
+      error: ``strict`` and the probabilities differ by more than the tolerance.
+    """
+    check = compare(model, trained, check_pixels(trained, check_images), temperature)
+    if strict and not check["max_abs_difference"] <= FLOAT_TOLERANCE:
+        raise error(
+            f"{what} disagrees with the Keras model by {check['max_abs_difference']:.2e} "
+            f"(tolerance {FLOAT_TOLERANCE:g}) on {check['images']} image(s)"
+        )
+    return check
+
+
+def write_version(
+    prepared: export_lib.PreparedExport, file_name: str, content: bytes, meta: dict
+) -> str:
+    """Writes ``content`` as ``file_name`` and the assets into the version folder.
+
+    ``prepared`` is :func:`leukemia_tf.serving.export_lib.prepare_export`'s; the
+    files go to a staging folder renamed into place when complete. Returns
+    the file's final path.
+    """
+    staging = prepared.staging()
+    try:
+        with tf.io.gfile.GFile(os.path.join(staging, file_name), "wb") as f:
+            f.write(content)
+        export_lib.write_assets(prepared.trained, staging, meta)
+        prepared.commit(staging)
+    except BaseException:
+        prepared.abandon(staging)
+        raise
+    return os.path.join(prepared.final, file_name)
+
+
 #: File suffix -> the module and class that run it.
-RUNTIMES = {".tflite": ("leukemia_tf.serving.litert", "LiteRTModel")}
+RUNTIMES = {
+    ".tflite": ("leukemia_tf.serving.litert", "LiteRTModel"),
+    ".onnx": ("leukemia_tf.serving.onnx_export", "OnnxModel"),
+}
 
 
 def load(path: str | os.PathLike, num_threads: int | None = None):
-    """A portable model file, ready to predict (``LiteRTModel`` for ``.tflite``).
+    """A portable model file, ready to predict (``LiteRTModel``, ``OnnxModel``).
 
     Raises:
       FileNotFoundError: no such file.
