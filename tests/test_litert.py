@@ -1,4 +1,4 @@
-"""Tests of the LiteRT export (``export --format=litert``) and ``predict --model=FILE.tflite``.
+"""Tests of the LiteRT export (``export --format=litert``) and ``predict --model=FILE``.
 
 Tiny cnn_tiny models at 32 px (fixtures in conftest.py), trained on the
 built-in synthetic set; the "real" images are that set's own images (its
@@ -125,8 +125,18 @@ def test_hierarchical_litert_levels_match_the_saved_model(
     )
 
 
-def test_predict_writes_the_same_csv_from_the_tflite(trained_flat_model_dir, data_images, tmp_path):
-    result = _export(trained_flat_model_dir, tmp_path)
+@pytest.mark.parametrize("model_format", ["litert", "onnx"])
+def test_predict_writes_the_same_csv_from_the_portable_model(
+    trained_flat_model_dir, data_images, tmp_path, model_format
+):
+    if model_format == "onnx":
+        pytest.importorskip("tf2onnx")
+        pytest.importorskip("onnxruntime")
+        from leukemia_tf.serving import onnx_export
+
+        result = onnx_export.export_onnx(trained_flat_model_dir, tmp_path / "onnx")
+    else:
+        result = _export(trained_flat_model_dir, tmp_path)
     keras_csv = predict_lib.predict(
         trained_flat_model_dir, str(data_images), tmp_path / "keras.csv", verbose=0
     )
