@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -57,6 +58,9 @@ MODEL_FILE = "model.tflite"
 
 #: Name of the metadata entry embedded in the ``.tflite`` flatbuffer.
 METADATA_NAME = "leukemia_tf"
+
+#: The one signature of every exported ``.tflite``.
+SIGNATURE = "serving_default"
 
 #: Training images the int8 calibration runs.
 DEFAULT_CALIBRATION_IMAGES = 200
@@ -165,26 +169,47 @@ def convert(
     check_quantize(quantize)
     if quantize == "int8" and (representative is None or not len(representative)):
         raise ValueError("--quantize=int8 needs calibration images")
-    module, function = portable.numeric_function(trained, temperature)
+    module, _ = portable.numeric_function(trained, temperature)
+    with tempfile.TemporaryDirectory(prefix="leukemia_litert_") as saved:
+        # Through a SavedModel of the frozen graph, TFLite's documented path: it
+        # keeps the signature (input and output names) for every backbone;
+        # from_concrete_functions drops it for some (EfficientNetV2) and falls
+        # back to unnamed outputs.
+        tf.saved_model.save(
+            module,
+            saved,
+            signatures={SIGNATURE: module.serve},
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+        )
 
-    def converter() -> tf.lite.TFLiteConverter:
-        c = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
-        # Builtin ops only: the file must run without the Flex delegate.
-        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        return c
+        def converter() -> tf.lite.TFLiteConverter:
+            c = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
+            # Builtin ops only: the file must run without the Flex delegate.
+            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            return c
 
+        return _convert_with(trained, converter, quantize, representative)
+
+
+def _convert_with(
+    trained: rundir.TrainedModel,
+    converter: Callable[[], tf.lite.TFLiteConverter],
+    quantize: str,
+    representative: np.ndarray | None,
+) -> bytes:
     try:
         c = converter()
         if quantize == "none":
-            return c.convert()
-        if quantize == "float16":
+            flatbuffer = c.convert()
+        elif quantize == "float16":
             c.optimizations = [tf.lite.Optimize.DEFAULT]
             c.target_spec.supported_types = [tf.float16]
-            return c.convert()
-        if quantize == "dynamic":
+            flatbuffer = c.convert()
+        elif quantize == "dynamic":
             c.optimizations = [tf.lite.Optimize.DEFAULT]
-            return c.convert()
-        return _convert_int8(trained, converter, representative)
+            flatbuffer = c.convert()
+        else:
+            flatbuffer = _convert_int8(trained, converter, representative)
     except (tf.errors.OpError, RuntimeError) as e:  # the converter's op errors
         if isinstance(e, LiteRTError):
             raise
@@ -192,6 +217,12 @@ def convert(
             f"{trained.config.backbone}/{trained.config.head}: LiteRT conversion "
             f"({quantize}) failed: {e}"
         ) from e
+    if list(_interpreter(flatbuffer).get_signature_list()) != [SIGNATURE]:
+        raise LiteRTError(
+            f"{trained.config.backbone}/{trained.config.head}: the converted model has no "
+            f"'{SIGNATURE}' signature (its outputs would have no names)"
+        )
+    return flatbuffer
 
 
 def _convert_int8(
