@@ -73,6 +73,11 @@ def test_fold_split_syntax():
     assert split == "/x/folds.json#3/validation" and folds_lib.is_fold_split(split)
     assert not folds_lib.is_fold_split("train+validation")
     assert folds_lib.resolve_split("train[:10%]").keys is None
+    assert folds_lib.short_name(split) == "fold3_validation"
+    from leukemia_tf.evaluation import evaluate_lib
+
+    out = evaluate_lib.default_out_dir("/runs/cv/fold_3", split)
+    assert out == "/runs/cv/fold_3/eval_fold3_validation"
 
 
 # ------------------------------------------------------- pipeline filter

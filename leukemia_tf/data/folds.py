@@ -249,6 +249,12 @@ def is_fold_split(split: str) -> bool:
     return bool(_FOLD_SPLIT_RE.match(split.strip()))
 
 
+def short_name(split: str) -> str:
+    """``fold<k>_<part>`` for a fold split (report folder names), else ``split``."""
+    match = _FOLD_SPLIT_RE.match(split.strip())
+    return f"fold{match['fold']}_{match['part']}" if match else split
+
+
 @dataclasses.dataclass(frozen=True)
 class ResolvedSplit:
     """A split as TFDS reads it, and the keys to keep (``None``: every example).
