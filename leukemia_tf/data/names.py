@@ -232,7 +232,21 @@ def _not_built(name: str, builder, data_dir: str | None) -> DatasetNotBuiltError
 
 
 def split_names(split: str) -> list[str]:
-    """Base split names of a TFDS split expression (``"train[:10%]+validation"``)."""
+    """Base split names of a TFDS split expression (``"train[:10%]+validation"``).
+
+    A fold split (``DIR/folds.json#0/train``, :mod:`leukemia_tf.data.folds`)
+    gives the names of the pooled split its fold file records.
+
+    Raises:
+      ValueError: not a split expression, or a fold split whose file cannot be read.
+    """
+    from leukemia_tf.data import folds
+
+    if folds.is_fold_split(split):
+        try:
+            split = folds.resolve_split(split).split
+        except folds.FoldError as e:
+            raise ValueError(str(e)) from None
     names = [part.split("[")[0].strip() for part in split.split("+")]
     if not split.strip() or not all(names):
         raise ValueError(f"{split!r} is not a TFDS split expression (e.g. 'train')")

@@ -47,6 +47,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from leukemia_tf.data import folds as folds_lib
 from leukemia_tf.data import preprocessing
 from leukemia_tf.data.names import DataSpec, as_specs, get_builder, spec_string
 from leukemia_tf.data.names import parse_datasets as parse_datasets  # re-exported: callers' name
@@ -180,7 +181,8 @@ def class_counts(
 
     Args:
       specs: data specs, or a ``--datasets`` string.
-      split: TFDS split (``"train"``, ``"train[:10%]"``, ...).
+      split: TFDS split (``"train"``, ``"train[:10%]"``, ...) or a fold split
+        (only its keys are counted).
       data_dir: TFDS data directory.
       label_mode: see :func:`dataset_class_names`.
       taxonomy: see :func:`dataset_class_names`.
@@ -192,20 +194,124 @@ def class_counts(
     builders = [get_builder(s.name, data_dir) for s in specs]
     labels = _resolve_labels(specs, builders, label_mode, taxonomy)
     counts = np.zeros(len(labels.names), np.int64)
+    resolved = resolve_split(specs, split)
     for spec, builder, table in zip(specs, builders, labels.tables, strict=True):
-        ds = _as_dataset(
-            spec,
-            builder,
-            split,
-            decoders=tfds.decode.PartialDecoding({"label": True}),
-            read_config=tfds.ReadConfig(try_autocache=False),
-        )
-        native = np.zeros(len(table), np.int64)
-        for batch in ds.batch(8192).as_numpy_iterator():
-            native += np.bincount(batch["label"], minlength=len(table))
+        if resolved.keys is not None:
+            meta = read_split_metadata(spec, builder, resolved)
+            native = np.bincount(meta["label"], minlength=len(table))
+        else:
+            ds = _as_dataset(
+                spec,
+                builder,
+                split,
+                decoders=tfds.decode.PartialDecoding({"label": True}),
+                read_config=tfds.ReadConfig(try_autocache=False),
+            )
+            native = np.zeros(len(table), np.int64)
+            for batch in ds.batch(8192).as_numpy_iterator():
+                native += np.bincount(batch["label"], minlength=len(table))
         keep = table >= 0
         np.add.at(counts, table[keep], native[keep])
     return counts
+
+
+def resolve_split(specs: Sequence[DataSpec], split: str) -> folds_lib.ResolvedSplit:
+    """``split``, or a fold split (:mod:`leukemia_tf.data.folds`) resolved and checked.
+
+    Raises:
+      folds_lib.FoldError: the fold file is missing, or was made for other data sets.
+    """
+    resolved = folds_lib.resolve_split(split)
+    if resolved.datasets is not None:
+        made_for = sorted(s.name for s in as_specs(resolved.datasets))
+        if made_for != sorted(s.name for s in specs):
+            raise folds_lib.FoldError(
+                f"split {split!r}: the fold file was made for --datasets={resolved.datasets!r}, "
+                f"not {spec_string(specs)!r}"
+            )
+    return resolved
+
+
+def read_split_metadata(spec: DataSpec, builder, resolved: folds_lib.ResolvedSplit) -> dict:
+    """Native labels and string features of a split, without images (kept keys only)."""
+    ds = _as_dataset(
+        spec,
+        builder,
+        resolved.split,
+        decoders=tfds.decode.PartialDecoding(
+            {"label": True, **{key: True for key in STRING_FEATURES}}
+        ),
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
+    columns: dict[str, list] = {key: [] for key in ("label", *STRING_FEATURES)}
+    for batch in ds.batch(8192).as_numpy_iterator():
+        for key, values in columns.items():
+            values.extend(batch[key].tolist())
+    out = {"label": np.asarray(columns["label"], np.int64)}
+    for key in STRING_FEATURES:
+        out[key] = np.array([v.decode("utf-8") for v in columns[key]], dtype=object)
+    out["key"] = np.array(
+        [folds_lib.example_key(s, f) for s, f in zip(out["source"], out["file_name"], strict=True)],
+        dtype=object,
+    )
+    if resolved.keys is not None:
+        keep = np.array([k in resolved.keys for k in out["key"]], bool)
+        out = {key: values[keep] for key, values in out.items()}
+    return out
+
+
+def read_metadata(
+    specs: Sequence[DataSpec] | str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    label_mode: str = "native",
+    taxonomy: Taxonomy | str | os.PathLike | None = None,
+) -> dict:
+    """Every example's class, key and ids, in one pass without image decoding.
+
+    Args:
+      specs, split, data_dir, label_mode, taxonomy: as for :func:`class_counts`.
+
+    Returns:
+      ``{"label": int64 [N] (index into dataset_class_names), "native_label":
+      int64 [N] (-1: unlabelled), "key", "patient_id", "slide_id", "source",
+      "file_name": object [N]}``, data sets in order; examples whose label maps
+      to null are left out (as :func:`load_split` leaves them out), unlabelled
+      ones (native label -1) are kept with label -1.
+    """
+    specs = as_specs(specs)
+    builders = [get_builder(s.name, data_dir) for s in specs]
+    labels = _resolve_labels(specs, builders, label_mode, taxonomy)
+    resolved = resolve_split(specs, split)
+    parts = []
+    for spec, builder, table in zip(specs, builders, labels.tables, strict=True):
+        meta = read_split_metadata(spec, builder, resolved)
+        native = meta.pop("label")
+        mapped = np.where(native >= 0, table[np.maximum(native, 0)], -1) if len(native) else native
+        keep = (native < 0) | (mapped >= 0)
+        meta = {key: values[keep] for key, values in meta.items()}
+        meta.update(label=mapped[keep].astype(np.int64), native_label=native[keep])
+        parts.append(meta)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def key_filter(keys: frozenset):
+    """Filter predicate: True for examples whose ``source::file_name`` is in ``keys``.
+
+    One ``tf.lookup.StaticHashTable`` lookup per example (before decoding).
+    """
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(sorted(keys), tf.string), tf.ones([len(keys)], tf.int32)
+        ),
+        default_value=0,
+    )
+
+    def fn(example: dict) -> tf.Tensor:
+        key = tf.strings.join([example["source"], example["file_name"]], separator="::")
+        return table.lookup(key) > 0
+
+    return fn
 
 
 def _as_dataset(spec: DataSpec, builder, split: str, **kwargs) -> tf.data.Dataset:
@@ -281,6 +387,8 @@ class _SplitRead:
     input_context: tf.distribute.InputContext | None
     num_pipelines: int
     pipeline_id: int
+    #: Fold splits: the TFDS split read, the keys kept and the cache name.
+    resolved: folds_lib.ResolvedSplit | None = None
 
 
 def _load_one(
@@ -299,6 +407,9 @@ def _load_one(
       Unbatched examples (see :func:`load_split`).
     """
     split, num_pipelines = read.split, read.num_pipelines
+    keys, cache_name = None, split
+    if read.resolved is not None:
+        split, keys, cache_name = read.resolved.split, read.resolved.keys, read.resolved.cache_name
     table = labels.tables[index]
     levels = labels.levels[index] if labels.levels is not None else None
     try:
@@ -337,6 +448,8 @@ def _load_one(
             num_pipelines,
         )
         ds = ds.shard(num_pipelines, read.pipeline_id)
+    if keys is not None:
+        ds = ds.filter(_no_autograph(key_filter(keys)))
 
     image_size = read.image_size
     relabel = label_map(table, levels)
@@ -358,7 +471,7 @@ def _load_one(
                 digest = hashlib.sha1(repr((labels.names, table.tolist())).encode())
                 key += "-" + digest.hexdigest()[:8]
             shard = f"_shard{read.pipeline_id}of{num_pipelines}" if num_pipelines > 1 else ""
-            filename = _cache_file(read.cache, builder, split, image_size, key, shard)
+            filename = _cache_file(read.cache, builder, cache_name, image_size, key, shard)
             parent = os.path.dirname(filename)
             if parent:
                 tf.io.gfile.makedirs(parent)
@@ -396,7 +509,10 @@ def load_split(
 
     Args:
       specs: data specs, or a ``--datasets`` string (``"all_taleqani/original:1,pbc:2"``).
-      split: TFDS split, e.g. ``"train"``, ``"validation"``, ``"train[:10%]"``.
+      split: TFDS split, e.g. ``"train"``, ``"validation"``, ``"train[:10%]"``,
+        or a fold split (``DIR/folds.json#0/validation``: the pooled split of
+        the fold file, keeping exactly that part's keys; see
+        :mod:`leukemia_tf.data.folds`).
       data_dir: TFDS data directory (local path or ``gs://``).
       image_size: the square side ``S`` of every image.
       batch_size: the global batch size (divided by the replicas in
@@ -452,6 +568,7 @@ def load_split(
 
     builders = [get_builder(s.name, data_dir) for s in specs]
     labels = _resolve_labels(specs, builders, label_mode, taxonomy)
+    resolved = resolve_split(specs, split)
 
     num_pipelines, pipeline_id = 1, 0
     if input_context is not None:
@@ -487,6 +604,7 @@ def load_split(
         input_context=input_context,
         num_pipelines=num_pipelines,
         pipeline_id=pipeline_id,
+        resolved=resolved if resolved.keys is not None else None,
     )
     datasets = [
         _load_one(spec, builder, labels, i, read)

@@ -63,7 +63,7 @@ import numpy as np
 import tensorflow as tf
 
 from leukemia_tf import rundir
-from leukemia_tf.data import names, pipeline
+from leukemia_tf.data import folds, names, pipeline
 from leukemia_tf.evaluation import explain as explain_lib
 from leukemia_tf.evaluation import external, figure_sections, sections, trust_sections
 from leukemia_tf.evaluation import figures as figures_lib
@@ -254,12 +254,17 @@ def default_out_dir(
     ood_images: str | None = None,
 ) -> str:
     """``model_dir/eval_<split>`` (``_<which>`` added for another checkpoint, ``_tta`` with TTA,
-    ``_ood_<name>`` with ``--ood_images``, :func:`trust_sections.ood_name`).
+    ``_ood_<name>`` with ``--ood_images``, :func:`trust_sections.ood_name`). A fold split
+    (:mod:`leukemia_tf.data.folds`) is named ``fold<k>_<part>``.
 
     A string: ``model_dir`` may be a URL (``gs://``), which pathlib mangles.
     """
     return _out_dir(
-        model_dir, f"eval_{figure_sections.safe_name(split)}", which, tta, ood_images=ood_images
+        model_dir,
+        f"eval_{figure_sections.safe_name(folds.short_name(split))}",
+        which,
+        tta,
+        ood_images=ood_images,
     )
 
 
@@ -413,7 +418,7 @@ def evaluate(
         if out_dir
         else _out_dir(
             trained.model_dir,
-            f"eval_{figure_sections.safe_name(options.split)}",
+            f"eval_{figure_sections.safe_name(folds.short_name(options.split))}",
             options.which,
             options.tta,
             adaptation is not None,

@@ -93,15 +93,20 @@ def check_split(
                     f"--split={split!r}: data set {spec.name!r} has no split {name!r}; "
                     f"available: {', '.join(available)}"
                 )
-        ds = builder.as_dataset(
-            split=split,
-            decoders=tfds.decode.PartialDecoding({"label": True}),
-            read_config=tfds.ReadConfig(try_autocache=False),
-        )
-        total = unlabelled = 0
-        for batch in ds.batch(8192).as_numpy_iterator():
-            total += len(batch["label"])
-            unlabelled += int((batch["label"] < 0).sum())
+        resolved = pipeline.resolve_split(specs, split)
+        if resolved.keys is not None:  # a fold split: count its keys only
+            labels = pipeline.read_split_metadata(spec, builder, resolved)["label"]
+            total, unlabelled = len(labels), int((labels < 0).sum())
+        else:
+            ds = builder.as_dataset(
+                split=split,
+                decoders=tfds.decode.PartialDecoding({"label": True}),
+                read_config=tfds.ReadConfig(try_autocache=False),
+            )
+            total = unlabelled = 0
+            for batch in ds.batch(8192).as_numpy_iterator():
+                total += len(batch["label"])
+                unlabelled += int((batch["label"] < 0).sum())
         if unlabelled:
             raise UnlabelledSplitError(
                 f"--split={split!r} of data set {spec.name!r} holds {unlabelled} of {total} "
