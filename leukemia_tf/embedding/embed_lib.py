@@ -160,7 +160,7 @@ def _common_splits(specs, data_dir: str | None, wanted: str) -> tuple[list[str],
 
 
 def _embed_split(
-    extractor, specs, split: str, config: EmbedConfig, taxonomy
+    forward, specs, split: str, config: EmbedConfig, taxonomy
 ) -> tuple[store_lib.SplitFeatures, float]:
     """The features, labels and ids of one split; and the seconds the pass took."""
     data_dir = config.data_dir or None
@@ -182,12 +182,6 @@ def _embed_split(
         cache=False,
         deterministic=True,
     )
-    size = config.image_size
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
-    def forward(images):
-        return extractor(tf.cast(images, tf.float32), training=False)
-
     limit = config.max_examples_per_split or None
     columns: dict[str, list] = {k: [] for k in ("features", "label", "levels")}
     columns.update({k: [] for k in store_lib.STRING_FEATURES})
@@ -280,6 +274,12 @@ def embed(config: EmbedConfig, log=print) -> dict:
         backbone.get_weights(), [v.path for v in backbone.weights]
     )
     feature_dim = int(extractor.output.shape[-1])
+    size = config.image_size
+
+    # One trace for every split and batch size.
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+    def forward(images):
+        return extractor(tf.cast(images, tf.float32), training=False)
 
     output = os.path.abspath(os.path.expanduser(config.output))
     parent, name = os.path.split(output.rstrip(os.sep))
@@ -290,7 +290,7 @@ def embed(config: EmbedConfig, log=print) -> dict:
     try:
         split_meta, images, embed_seconds = {}, 0, 0.0
         for split in splits:
-            data, seconds = _embed_split(extractor, specs, split, config, taxonomy)
+            data, seconds = _embed_split(forward, specs, split, config, taxonomy)
             shards = store_lib.write_split(tmp, split, data)
             split_meta[split] = {
                 "count": len(data),
