@@ -504,7 +504,13 @@ def load_trained_model(
         previous = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy("float32")
         try:
-            model = model_factory.build_model(config, len(class_names), taxonomy, weights="none")
+            model = model_factory.build_model(
+                config,
+                len(class_names),
+                taxonomy,
+                weights="none",
+                knn_bank_size=model_factory.knn_bank_size(loaded),
+            )
             model.set_weights(loaded.get_weights())
         finally:
             keras.mixed_precision.set_global_policy(previous)

@@ -5,9 +5,16 @@ Every flag is a field of :class:`leukemia_tf.training.config.TrainConfig`
 equivalent flagfile are written into ``--model_dir``; a killed run resumes
 when started again with the same ``--model_dir``.
 
+With ``--from_embeddings=DIR`` (a feature store written by
+``python -m leukemia_tf.embed``) only the head is fitted, on the stored
+features (``--probe=linear|mlp|knn``), into an ordinary run directory; flags
+the store fixes (backbone, weights, image size, data sets, label mode,
+taxonomy, erase_marks, data_dir) default to its values.
+
 Example::
 
   python -m leukemia_tf.train --flagfile=configs/quickstart.flags
+  python -m leukemia_tf.train --from_embeddings=stores/pbc --probe=knn --model_dir=runs/pbc_knn
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ def preflight(config: config_lib.TrainConfig) -> None:
     """
     config.validate()
     config_lib.check_model_dir(config)
+    if config.from_embeddings:
+        from leukemia_tf.embedding import probe_lib  # imports TensorFlow
+
+        probe_lib.check_config(config)  # the store, instead of the data sets
+        return
     from leukemia_tf.data import names  # imports TensorFlow
 
     names.check_datasets(
@@ -47,6 +59,12 @@ def preflight(config: config_lib.TrainConfig) -> None:
 def main(argv: Sequence[str]) -> None:
     cli.check_no_args(argv)
     config = config_lib.TrainConfig.from_flags(flags.FLAGS)
+    if config.from_embeddings:
+        from leukemia_tf.embedding import probe_lib
+
+        # Backbone, weights, image size, data sets, ... not given: the store's.
+        given = {name for name in config.field_names() if flags.FLAGS[name].present}
+        config = probe_lib.resolve_config(config, given)
     preflight(config)
 
     from leukemia_tf.training import train_lib  # heavy imports after flag parsing

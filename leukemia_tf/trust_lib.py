@@ -185,6 +185,78 @@ def fit(
     fitted = predictions_lib.predict_split(
         trained, specs, fit_split, data_dir, batch_size, features=True
     )
+    calibration = None
+    if calibration_split:
+        calibration = predictions_lib.predict_split(
+            trained, specs, calibration_split, data_dir, batch_size, features=True
+        )
+    return fit_from_predictions(
+        model_dir,
+        trained,
+        fitted,
+        calibration,
+        which=which,
+        fit_split=fit_split,
+        calibration_split=calibration_split,
+        target_coverage=target_coverage,
+        max_risk=max_risk,
+        selection_score=selection_score,
+        ood_score=ood_score,
+        ood_acceptance=ood_acceptance,
+        backoff_accuracy=backoff_accuracy,
+        max_referred_fraction=max_referred_fraction,
+        knn_k=knn_k,
+        max_bank=max_bank,
+        record={"data_dir": data_dir},
+    )
+
+
+def fit_from_predictions(
+    model_dir: str,
+    trained: rundir.TrainedModel,
+    fitted: predictions_lib.SplitPredictions,
+    calibration: predictions_lib.SplitPredictions | None,
+    *,
+    which: str = "best",
+    fit_split: str,
+    calibration_split: str | None,
+    target_coverage: float | None = None,
+    max_risk: float | None = None,
+    selection_score: str = DEFAULT_SELECTION_SCORE,
+    ood_score: str = DEFAULT_OOD_SCORE,
+    ood_acceptance: float = DEFAULT_OOD_ACCEPTANCE,
+    backoff_accuracy: float = DEFAULT_BACKOFF_ACCURACY,
+    max_referred_fraction: float = DEFAULT_MAX_REFERRED_FRACTION,
+    knn_k: int = trust.DEFAULT_KNN_K,
+    max_bank: int = trust.DEFAULT_MAX_BANK,
+    record: dict | None = None,
+) -> trust.TrustStatistics:
+    """:func:`fit` from the model's outputs (with ``trust.FEATURES``) on the two splits.
+
+    What :func:`fit` does once it has run the model; also used by the probes
+    on stored features (:mod:`leukemia_tf.embedding.probe_lib`), which have
+    the features at hand.
+
+    Args:
+      model_dir: the run directory the statistics are written into.
+      trained: the loaded model (its label space and classes).
+      fitted: outputs and labels of ``fit_split`` (features included).
+      calibration: those of ``calibration_split``, or None (no thresholds).
+      which: the model file (``"best"``, ``"last"``) they are fitted for.
+      fit_split: the name of ``fitted``'s split (recorded).
+      calibration_split: the name of ``calibration``'s split (recorded).
+      record: more entries for ``trust.json``.
+      Others: as for :func:`fit`.
+
+    Returns:
+      The statistics (also written to ``trust.json`` and ``trust_features.npz``).
+    """
+    check_options(
+        target_coverage, max_risk, backoff_accuracy, max_referred_fraction, selection_score
+    )
+    if target_coverage is None and max_risk is None:
+        target_coverage = DEFAULT_TARGET_COVERAGE
+    config = trained.config
     stats = trust.fit_feature_statistics(
         fitted.outputs[trust.FEATURES],
         fitted.labels,
@@ -200,12 +272,9 @@ def fit(
         "model_sha256": trust.model_fingerprint(model_path),
         "temperature": 1.0,
         "features": {"split": fit_split, "n": len(fitted)},
-        "data_dir": data_dir,
+        **(record or {}),
     }
-    if calibration_split:
-        calibration = predictions_lib.predict_split(
-            trained, specs, calibration_split, data_dir, batch_size, features=True
-        )
+    if calibration is not None:
         scores = scores_of(calibration.outputs, trained, stats)
         probs = trained.label_space.probabilities(calibration.outputs, 1.0).numpy()
         correct = probs.argmax(axis=1) == calibration.labels

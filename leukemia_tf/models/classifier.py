@@ -15,6 +15,7 @@ from __future__ import annotations
 import keras
 
 from leukemia_tf.models.heads import FlatHead, HierarchicalHead
+from leukemia_tf.models.knn import KNNHead
 from leukemia_tf.models.mark_augment import EraseMarks
 from leukemia_tf.models.registry import build_backbone, get_backbone_spec
 from leukemia_tf.taxonomy import Taxonomy
@@ -41,6 +42,8 @@ def build_classifier(
     bn_momentum: float | None = None,
     drop_path_rate: float = 0.0,
     erase_marks: bool = False,
+    knn_k: int = 0,
+    knn_bank_size: int = 0,
     name: str | None = None,
 ) -> keras.Model:
     """Builds a classifier.
@@ -59,6 +62,12 @@ def build_classifier(
       drop_path_rate: stochastic depth of the backbone.
       erase_marks: put an :class:`EraseMarks` layer (burned-in scale bars and
         text filled with the background) before the backbone.
+      knn_k: with ``knn_bank_size``, the flat head is a
+        :class:`~leukemia_tf.models.knn.KNNHead` (a k-NN probe fitted on
+        stored features, ``leukemia_tf.train --from_embeddings --probe=knn``)
+        whose ``knn_k`` nearest bank rows vote; ``dropout`` and
+        ``hidden_units`` are then unused.
+      knn_bank_size: rows of that head's bank; 0: the ordinary head.
       name: model name; default ``"<backbone>_<head>"``.
 
     Returns:
@@ -79,7 +88,12 @@ def build_classifier(
             if taxonomy is None:
                 raise ValueError("a flat head needs num_classes or a taxonomy (its leaves)")
             num_classes = len(taxonomy.leaves)
-        head_layer = FlatHead(num_classes, dropout, hidden_units, name="head")
+        if knn_bank_size:
+            head_layer = KNNHead(num_classes, knn_k, knn_bank_size, name="head")
+        else:
+            head_layer = FlatHead(num_classes, dropout, hidden_units, name="head")
+    elif knn_bank_size:
+        raise ValueError("a k-NN head is flat: it votes over the classes (use head='flat')")
     else:
         head_layer = HierarchicalHead(taxonomy, dropout, hidden_units, name="head")
     get_backbone_spec(backbone)  # fail on an unknown name before any build

@@ -170,6 +170,23 @@ class TrainConfig:
         0, "Stop after this many epochs without improvement of --monitor; 0: never."
     )
 
+    # ------------------------------------------------- probes on features
+    from_embeddings: str = _field(
+        "",
+        "A feature store written by leukemia_tf.embed: fit only the head on its stored "
+        "features (seconds), then join it to the stored backbone. Backbone, weights, image "
+        "size, data sets, label mode, taxonomy, erase_marks and data_dir default to the "
+        "store's; a different value is refused. Empty: ordinary training on images.",
+    )
+    probe: str = _field(
+        "linear",
+        "With --from_embeddings: 'linear' (the --head with --hidden_units=0), 'mlp' (the "
+        "--head with --hidden_units > 0) or 'knn' (k nearest training features by cosine "
+        "similarity, similarity-weighted votes; flat head only).",
+        choices=("linear", "mlp", "knn"),
+    )
+    knn_k: int = _field(20, "Neighbours that vote in --probe=knn.")
+
     # --------------------------------------------------------- performance
     precision: str = _field(
         "auto",
@@ -312,6 +329,7 @@ class TrainConfig:
                 f"--datasets={self.datasets!r} mixes several data sets: set --label_mode=taxonomy "
                 "so that their labels share one label space"
             )
+        self._check_probe()
         if self.strategy == "tpu" and not self.tpu:
             raise ConfigError("--strategy=tpu needs --tpu=local (Colab) or --tpu=NAME")
         if self.tpu and self.strategy not in ("auto", "tpu"):
@@ -329,6 +347,30 @@ class TrainConfig:
         self.parsed_level_weights()
         check_tpu_config(self)
         return self
+
+    def _check_probe(self) -> None:
+        if self.knn_k < 1:
+            raise ConfigError(f"--knn_k={self.knn_k}: must be >= 1")
+        if not self.from_embeddings:
+            if self.probe != "linear":
+                raise ConfigError(
+                    f"--probe={self.probe} fits a head on stored features: it needs "
+                    "--from_embeddings=DIR (a store written by python -m leukemia_tf.embed)"
+                )
+            return
+        if self.probe == "mlp" and self.hidden_units < 1:
+            raise ConfigError(
+                "--probe=mlp is the head with a hidden layer: set --hidden_units (e.g. 256)"
+            )
+        if self.probe == "linear" and self.hidden_units:
+            raise ConfigError(
+                f"--probe=linear has no hidden layer, but --hidden_units={self.hidden_units}: "
+                "use --probe=mlp, or --hidden_units=0"
+            )
+        if self.probe == "knn" and self.head != "flat":
+            raise ConfigError(
+                f"--probe=knn votes over the classes: use --head=flat (not --head={self.head})"
+            )
 
     def _check_backbone(self) -> None:
         # Imported here: the registry imports Keras, which this module avoids at import.

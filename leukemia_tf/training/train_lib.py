@@ -281,6 +281,13 @@ def train(
       NonFiniteError: the loss, a validation metric or a weight became non-finite.
       Preempted: SIGTERM; a checkpoint to resume from was written.
     """
+    if config.from_embeddings:
+        # A probe on stored features: the head alone, in seconds, in memory.
+        from leukemia_tf.embedding import probe_lib
+
+        if callbacks:
+            raise ConfigError("--from_embeddings: epoch hooks are not supported by the probes")
+        return probe_lib.train_probe(config, fit_trust=fit_trust)
     config.validate()
     start_time = time.time()
     keras.utils.set_random_seed(config.seed)

@@ -35,8 +35,16 @@ from leukemia_tf.training.config import ConfigError, TrainConfig, define_datacla
 
 #: TrainConfig flags that ``tune`` does not take: each trial gets its own
 #: model_dir under --tune_dir, --resume replaces --overwrite, and --objective
-#: sets every trial's --monitor.
-SKIPPED_TRAIN_FLAGS = ("model_dir", "overwrite", "monitor")
+#: sets every trial's --monitor; the probes on stored features
+#: (``--from_embeddings``, ``--probe``, ``--knn_k``) are for ``train`` only.
+SKIPPED_TRAIN_FLAGS = (
+    "model_dir",
+    "overwrite",
+    "monitor",
+    "from_embeddings",
+    "probe",
+    "knn_k",
+)
 
 #: Objectives (per-epoch validation metrics of the training engine) and their direction.
 OBJECTIVES = {
