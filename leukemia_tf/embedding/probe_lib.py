@@ -467,13 +467,7 @@ def _train(config: TrainConfig, store: FeatureStore, model_dir: str, start_time,
     taxonomy = model_factory.taxonomy_for(config)
     class_names = store.class_names
     space = LabelSpace(class_names, config.head, taxonomy)
-    level_weights = config.parsed_level_weights()
-    if level_weights is not None and taxonomy is not None:
-        if len(level_weights) != taxonomy.num_levels:
-            raise ConfigError(
-                f"--level_weights={config.level_weights!r}: give {taxonomy.num_levels} values, "
-                "one per taxonomy level"
-            )
+    level_weights = config.level_weights_for(taxonomy)
     train, val = _load_splits(config, store)
     if config.head == "hierarchical" and train.levels is None:
         raise StoreError(

@@ -37,7 +37,6 @@ outputs ``predict`` writes (:func:`leukemia_tf.serving.portable.with_names`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -303,15 +302,8 @@ def _interpreter(model: bytes, num_threads: int | None = None):
     return Interpreter(model_content=model, num_threads=num_threads)
 
 
-class LiteRTModel:
-    """A ``.tflite`` exported by :func:`export_litert`, ready to predict.
-
-    Attributes:
-      path: the file.
-      metadata: its embedded metadata (:func:`leukemia_tf.serving.portable.metadata`).
-      image_size: the input side S.
-      class_names: the labels ``class_ids`` indexes.
-    """
+class LiteRTModel(portable.PortableModel):
+    """A ``.tflite`` exported by :func:`export_litert`, run by the LiteRT interpreter."""
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
         self.path = os.fspath(path)
@@ -323,11 +315,9 @@ class LiteRTModel:
             meta = read_metadata(content)
         except Exception as e:  # noqa: BLE001 - not a flatbuffer at all
             raise ValueError(f"--model={self.path}: not a LiteRT (.tflite) model ({e})") from e
-        self.metadata = meta = portable.checked_metadata(
-            meta, self.path, kind=".tflite", model_format="litert"
+        self._set_metadata(
+            portable.checked_metadata(meta, self.path, kind=".tflite", model_format="litert")
         )
-        self.image_size = int(meta["image_size"])
-        self.class_names = list(meta["class_names"])
         self._interpreter = _interpreter(content, num_threads)
         self._runner = self._interpreter.get_signature_runner()
 
@@ -336,24 +326,10 @@ class LiteRTModel:
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         return dict(self._runner(**{portable.INPUT: pixels}))
 
-    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The named outputs (as the SavedModel's) for ``uint8 [N, S, S, 3]`` pixels."""
-        return portable.with_names(self.numeric(pixels), self.metadata)
-
 
 # ------------------------------------------------------------------ export
-@dataclasses.dataclass(frozen=True)
-class LiteRTResult:
-    """Where a LiteRT export went and how it compares with the Keras model."""
-
-    path: str  # export_dir/<version>
-    file: str  # .../model.tflite
-    version: int
-    quantize: str
-    size_bytes: int
-    temperature: float
-    check: dict  # max_abs_difference, top1_agreement, images
-    adapted_batchnorm: dict | None = None
+#: Where a LiteRT export went (``quantize`` set) and how it compares with the Keras model.
+LiteRTResult = portable.PortableResult
 
 
 #: The ``.tflite`` against the Keras model on ``uint8 [N, S, S, 3]`` pixels.

@@ -38,7 +38,6 @@ with the interface of :class:`leukemia_tf.serving.litert.LiteRTModel`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as std_logging
 import os
@@ -180,14 +179,8 @@ def _session(model: str | bytes, num_threads: int | None, providers: Sequence[st
     )
 
 
-class OnnxModel:
-    """A ``.onnx`` exported by :func:`export_onnx`, ready to predict.
-
-    Attributes:
-      path: the file.
-      metadata: its embedded metadata (:func:`leukemia_tf.serving.portable.metadata`).
-      image_size: the input side S.
-      class_names: the labels ``class_ids`` indexes.
+class OnnxModel(portable.PortableModel):
+    """A ``.onnx`` exported by :func:`export_onnx`, run by ONNX Runtime.
 
     Args:
       path: the ``.onnx`` file.
@@ -211,11 +204,11 @@ class OnnxModel:
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors derive from Exception only
             raise ValueError(f"--model={self.path}: not an ONNX model ({e})") from e
         raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        self.metadata = meta = portable.checked_metadata(
-            json.loads(raw) if raw else None, self.path, kind=".onnx", model_format="onnx"
+        self._set_metadata(
+            portable.checked_metadata(
+                json.loads(raw) if raw else None, self.path, kind=".onnx", model_format="onnx"
+            )
         )
-        self.image_size = int(meta["image_size"])
-        self.class_names = list(meta["class_names"])
         self._attach(session)
 
     def _attach(self, session) -> None:
@@ -228,10 +221,6 @@ class OnnxModel:
         values = self._session.run(self._outputs, {portable.INPUT: pixels})
         return dict(zip(self._outputs, values, strict=True))
 
-    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The named outputs (as the SavedModel's) for ``uint8 [N, S, S, 3]`` pixels."""
-        return portable.with_names(self.numeric(pixels), self.metadata)
-
 
 class _BytesModel(OnnxModel):
     """An :class:`OnnxModel` over an in-memory model without metadata (the check)."""
@@ -242,18 +231,8 @@ class _BytesModel(OnnxModel):
 
 
 # ------------------------------------------------------------------ export
-@dataclasses.dataclass(frozen=True)
-class OnnxResult:
-    """Where an ONNX export went and how it compares with the Keras model."""
-
-    path: str  # export_dir/<version>
-    file: str  # .../model.onnx
-    version: int
-    opset: int
-    size_bytes: int
-    temperature: float
-    check: dict  # max_abs_difference, top1_agreement, images
-    adapted_batchnorm: dict | None = None
+#: Where an ONNX export went (``opset`` set) and how it compares with the Keras model.
+OnnxResult = portable.PortableResult
 
 
 def export_onnx(

@@ -23,6 +23,7 @@ outputs, so ``predict`` writes the same CSV from either model.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from collections.abc import Mapping
@@ -305,6 +306,53 @@ def write_version(
         prepared.abandon(staging)
         raise
     return os.path.join(prepared.final, file_name)
+
+
+class PortableModel:
+    """A portable model file exported by this package, ready to predict.
+
+    Subclasses (``LiteRTModel``, ``OnnxModel``) read the file, call
+    :meth:`_set_metadata` and implement :meth:`numeric`.
+
+    Attributes:
+      path: the file.
+      metadata: its embedded metadata (:func:`metadata`).
+      image_size: the input side S.
+      class_names: the labels ``class_ids`` indexes.
+    """
+
+    path: str
+    metadata: dict
+    image_size: int
+    class_names: list[str]
+
+    def _set_metadata(self, meta: dict) -> None:
+        self.metadata = meta
+        self.image_size = int(meta["image_size"])
+        self.class_names = list(meta["class_names"])
+
+    def numeric(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's numeric outputs for ``uint8 [N, S, S, 3]`` pixels."""
+        raise NotImplementedError
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The named outputs (as the SavedModel's) for ``uint8 [N, S, S, 3]`` pixels."""
+        return with_names(self.numeric(pixels), self.metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class PortableResult:
+    """Where a portable export went and how it compares with the Keras model."""
+
+    path: str  # export_dir/<version>
+    file: str  # .../model.tflite or model.onnx
+    version: int
+    size_bytes: int
+    temperature: float
+    check: dict  # max_abs_difference, top1_agreement, images; {} without the check
+    adapted_batchnorm: dict | None = None
+    quantize: str | None = None  # LiteRT
+    opset: int | None = None  # ONNX
 
 
 #: File suffix -> the module and class that run it.

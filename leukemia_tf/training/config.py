@@ -260,6 +260,17 @@ class TrainConfig:
                 f"--level_weights={self.level_weights!r}: expected comma-separated numbers"
             ) from None
 
+    def level_weights_for(self, taxonomy) -> list[float] | None:
+        """:meth:`parsed_level_weights`, checked against the depth of ``taxonomy`` (or None)."""
+        level_weights = self.parsed_level_weights()
+        if level_weights is not None and taxonomy is not None:
+            if len(level_weights) != taxonomy.num_levels:
+                raise ConfigError(
+                    f"--level_weights={self.level_weights!r}: give {taxonomy.num_levels} "
+                    "values, one per taxonomy level"
+                )
+        return level_weights
+
     def validate(self) -> TrainConfig:
         """Checks every value; raises :class:`ConfigError` naming the flag. Returns self."""
         for f in dataclasses.fields(self):

@@ -185,13 +185,7 @@ def _prepare_data(config, strategy, chief: bool, skip_steps) -> _Data:
     if chief:
         build_lib.prepare_generated(specs, data_dir)
     class_names = pipeline.dataset_class_names(specs, data_dir, config.label_mode, taxonomy)
-    level_weights = config.parsed_level_weights()
-    if level_weights is not None and taxonomy is not None:
-        if len(level_weights) != taxonomy.num_levels:
-            raise ConfigError(
-                f"--level_weights={config.level_weights!r}: give {taxonomy.num_levels} values, "
-                "one per taxonomy level"
-            )
+    level_weights = config.level_weights_for(taxonomy)
 
     def count(split: str) -> np.ndarray:
         return pipeline.class_counts(specs, split, data_dir, config.label_mode, taxonomy)
