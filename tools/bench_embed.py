@@ -15,11 +15,11 @@ two agree); ``leukemia_tf.evaluate`` on the run gives the full report.
 Examples::
 
   # The benchmark (a GPU helps: DINOv2-S at 224 px over all PBC images):
-  python tools/bench_embed.py --datasets=pbc --data_dir=/tmp/tfds
-  python tools/bench_embed.py --datasets=all_taleqani/original --data_dir=/tmp/tfds
+  python tools/bench_embed.py --datasets=pbc --data_dir=DATA
+  python tools/bench_embed.py --datasets=all_taleqani/original --data_dir=DATA
 
   # A smoke run on a CPU: the first 64 images of each split.
-  python tools/bench_embed.py --datasets=all_taleqani/original --data_dir=/tmp/tfds \
+  python tools/bench_embed.py --datasets=all_taleqani/original --data_dir=DATA \
       --max_examples_per_split=64
 """
 
