@@ -501,9 +501,7 @@ def load_trained_model(
     loaded = load_keras(path)
     model = loaded
     if float32:
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy("float32")
-        try:
+        with model_factory.float32_policy():
             model = model_factory.build_model(
                 config,
                 len(class_names),
@@ -511,9 +509,7 @@ def load_trained_model(
                 weights="none",
                 knn_bank_size=model_factory.knn_bank_size(loaded),
             )
-            model.set_weights(loaded.get_weights())
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
+        model.set_weights(loaded.get_weights())
     return TrainedModel(
         model_dir=model_dir,
         config=config,

@@ -32,6 +32,7 @@ from leukemia_tf.embedding import store as store_lib
 from leukemia_tf.embedding.store import StoreError
 from leukemia_tf.models import classifier, registry
 from leukemia_tf.taxonomy import Taxonomy
+from leukemia_tf.training import model_factory
 
 
 @dataclasses.dataclass
@@ -253,9 +254,7 @@ def embed(config: EmbedConfig, log=print) -> dict:
     for name, rest in skipped.items():
         log(f"Note: {name}'s splits {rest} are not in every data set: not embedded")
 
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with model_factory.float32_policy():
         keras.utils.set_random_seed(config.seed)
         model = classifier.build_classifier(
             backbone=config.backbone,
@@ -266,8 +265,6 @@ def embed(config: EmbedConfig, log=print) -> dict:
             dropout=0.0,
             erase_marks=config.erase_marks,
         )
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     extractor = keras.Model(model.input, model.get_layer("head").input, name="features")
     backbone = classifier.get_backbone(model)
     fingerprint = store_lib.weights_fingerprint(

@@ -475,9 +475,7 @@ def _train(config: TrainConfig, store: FeatureStore, model_dir: str, start_time,
             "with --label_mode=native"
         )
     knn = config.probe == "knn"
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with model_factory.float32_policy():
         model = model_factory.build_model(
             config,
             len(class_names),
@@ -485,8 +483,6 @@ def _train(config: TrainConfig, store: FeatureStore, model_dir: str, start_time,
             weights=store.backbone_weights,
             knn_bank_size=len(train) if knn else 0,
         )
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     backbone = classifier.get_backbone(model)
     digest = store_lib.weights_fingerprint(
         backbone.get_weights(), [v.path for v in backbone.weights]

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import keras
 
 from leukemia_tf.models import classifier
 from leukemia_tf.models.knn import KNNHead
 from leukemia_tf.taxonomy import Taxonomy
 from leukemia_tf.training.config import TrainConfig
+
+
+@contextlib.contextmanager
+def float32_policy() -> Iterator[None]:
+    """Builds models under the float32 dtype policy; restores the previous policy after."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def taxonomy_for(config: TrainConfig) -> Taxonomy | None:
