@@ -197,18 +197,15 @@ def _convert_with(
     representative: np.ndarray | None,
 ) -> bytes:
     try:
-        c = converter()
-        if quantize == "none":
-            flatbuffer = c.convert()
-        elif quantize == "float16":
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-            c.target_spec.supported_types = [tf.float16]
-            flatbuffer = c.convert()
-        elif quantize == "dynamic":
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-            flatbuffer = c.convert()
-        else:
+        if quantize == "int8":
             flatbuffer = _convert_int8(trained, converter, representative)
+        else:
+            c = converter()
+            if quantize != "none":  # float16 or dynamic (int8 weights)
+                c.optimizations = [tf.lite.Optimize.DEFAULT]
+            if quantize == "float16":
+                c.target_spec.supported_types = [tf.float16]
+            flatbuffer = c.convert()
     except (tf.errors.OpError, RuntimeError) as e:  # the converter's op errors
         if isinstance(e, LiteRTError):
             raise
@@ -235,19 +232,16 @@ def _convert_int8(
         for image in representative:
             yield {portable.INPUT: image[None]}
 
-    float_scores = [k for k in trust_lib.FEATURE_SCORES if trained.trust is not None]
-    if not float_scores:
-        c = converter()
-        c.optimizations = [tf.lite.Optimize.DEFAULT]
-        c.representative_dataset = dataset
-        return c.convert()
-    # The quantization debugger's selective quantization: every op of the
-    # feature scores (and the two outputs) is left in float.
-    float_model = converter().convert()
-    keep_float = _float_node_names(float_model, trust_lib.FEATURE_SCORES_SCOPE, float_scores)
     c = converter()
     c.optimizations = [tf.lite.Optimize.DEFAULT]
     c.representative_dataset = dataset
+    if trained.trust is None:
+        return c.convert()
+    # The quantization debugger's selective quantization: every op of the
+    # feature scores (and the two outputs) is left in float.
+    keep_float = _float_node_names(
+        converter().convert(), trust_lib.FEATURE_SCORES_SCOPE, list(trust_lib.FEATURE_SCORES)
+    )
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=c,
         debug_dataset=lambda: ([image[None]] for image in representative[:1]),
