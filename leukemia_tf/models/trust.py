@@ -352,9 +352,13 @@ def backoff_nodes(
       even a top-level node passes its threshold.
     """
     ids, probability = backoff_node_ids(level_probs, tree, thresholds)
-    names = backoff_node_names(tree)
+    return names_at(ids, backoff_node_names(tree)), probability
+
+
+def names_at(ids: tf.Tensor, names: list[str]) -> tf.Tensor:
+    """``[B]`` string: ``names[id]`` for each id, ``""`` for a negative id (no decision)."""
     table = tf.constant([*names, ""], tf.string)
-    return tf.gather(table, tf.where(ids < 0, len(names), ids)), probability
+    return tf.gather(table, tf.where(ids < 0, len(names), ids))
 
 
 # ----------------------------------------------------------------- outputs
@@ -389,10 +393,7 @@ def trust_outputs(
             level_probabilities(outputs, label_space), tree, stats.backoff["thresholds"]
         )
         if names:
-            table = backoff_node_names(tree)
-            out[PREDICTED_NODE] = tf.gather(
-                tf.constant([*table, ""], tf.string), tf.where(ids < 0, len(table), ids)
-            )
+            out[PREDICTED_NODE] = names_at(ids, backoff_node_names(tree))
         else:
             out[PREDICTED_NODE_ID] = ids
         out[PREDICTED_NODE_PROBABILITY] = probability

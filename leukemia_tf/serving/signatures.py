@@ -150,10 +150,7 @@ def postprocess(
             if not names:
                 out[level_ids_key(level)] = tf.cast(index, tf.int32)
                 continue
-            # Index len(nodes) is the "" of an undecided level.
-            level_names = tf.constant([*levels[level], ""], tf.string)
-            index = tf.where(index < 0, len(levels[level]), index)
-            out[level_names_key(level)] = tf.gather(level_names, index)
+            out[level_names_key(level)] = trust_lib.names_at(index, list(levels[level]))
     out.update(trust_out)
     return out
 
