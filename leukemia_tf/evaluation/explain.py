@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from leukemia_tf.data import marks as marks_lib
+from leukemia_tf.models import canonical
 from leukemia_tf.models import classifier as classifier_lib
 from leukemia_tf.models.label_space import LabelSpace
 
@@ -71,10 +72,30 @@ def _normalise(maps: tf.Tensor, image_size: int) -> np.ndarray:
     return maps.numpy().clip(0.0, 1.0)
 
 
-def _model_pixels(images, erase) -> tf.Tensor:
-    """float32 ``images`` as the backbone sees them (marks erased where the model erases them)."""
+def _model_pixels(images, layers) -> tf.Tensor:
+    """float32 ``images`` as the backbone sees them (after the model's input layers)."""
     pixels = tf.cast(images, tf.float32)
-    return erase(pixels) if erase is not None else pixels
+    for layer in layers:
+        pixels = layer(pixels)
+    return pixels
+
+
+def _to_input_frame(maps: np.ndarray, images, layers) -> np.ndarray:
+    """Maps drawn on what the backbone saw, on the frame of ``images``.
+
+    A model with a :class:`~leukemia_tf.models.canonical.CellCrop` explains
+    its crop of each image; its map is put back where the crop lies (0
+    outside), so overlays, heat on marks and heat on the border all refer to
+    the image as given.
+    """
+    pixels = tf.cast(images, tf.float32)
+    for layer in layers:
+        if isinstance(layer, canonical.CellCrop):
+            top, left, side = layer.boxes(pixels)
+            boxes = np.stack([top.numpy(), left.numpy(), side.numpy()], axis=-1)
+            return canonical.uncrop(maps, boxes)
+        pixels = layer(pixels)
+    return maps
 
 
 #: Pixels by which detected marks are grown before measuring heat on them
@@ -144,11 +165,11 @@ class GradCam:
         self._features = keras.Model(backbone.input, [feature_map, backbone.output])
         self._head = self.model.get_layer("head")
         self._image_size = int(self.model.input.shape[1])
-        self._erase = classifier_lib.get_erase_marks(self.model)
+        self._inputs = classifier_lib.input_layers(self.model)
 
     def __call__(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """Heat maps ``[N, S, S]`` in [0, 1] of ``classes`` for uint8/float ``images``."""
-        pixels = _model_pixels(images, self._erase)
+        pixels = _model_pixels(images, self._inputs)
         classes = tf.constant(np.asarray(classes, np.int32))
         with tf.GradientTape() as tape:
             feature_map, features = self._features(pixels, training=False)
@@ -167,7 +188,7 @@ class GradCam:
         grads = tape.gradient(score, feature_map)
         weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1))
-        return _normalise(cam, self._image_size)
+        return _to_input_frame(_normalise(cam, self._image_size), images, self._inputs)
 
 
 @dataclasses.dataclass
@@ -200,7 +221,7 @@ class AttentionRollout:
         self.grid = (size // patch, size // patch)
         self._image_size = size
         self._checked = False
-        self._erase = classifier_lib.get_erase_marks(self.model)
+        self._inputs = classifier_lib.input_layers(self.model)
 
     def _blocks(self, x: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         encoder = self._encoder
@@ -215,7 +236,7 @@ class AttentionRollout:
 
     def __call__(self, images: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
         """Rollout maps ``[N, S, S]`` in [0, 1] (class-agnostic: ``classes`` is ignored)."""
-        pixels = _model_pixels(images, self._erase)
+        pixels = _model_pixels(images, self._inputs)
         pre = self._pre(pixels, training=False)
         tokens, scores = self._blocks(self._embed(pre))
         if not self._checked:
@@ -240,7 +261,7 @@ class AttentionRollout:
                 f"{num_tokens} tokens for a {h}x{w} patch grid plus a class token"
             )
         maps = tf.reshape(rollout[:, 0, 1:], [-1, h, w])
-        return _normalise(maps, self._image_size)
+        return _to_input_frame(_normalise(maps, self._image_size), images, self._inputs)
 
 
 def _text(value) -> str:

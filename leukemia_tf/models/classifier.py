@@ -4,16 +4,21 @@ A Keras functional model, so it saves to ``.keras``, reloads without code
 beyond this package (the custom layers are registered serializable), and runs
 under any ``tf.distribute`` strategy. Augmentation is *not* inside it: the
 training step applies :func:`leukemia_tf.models.build_augmenter` before the
-model, so evaluation, inference and export see the plain model. The one
-exception is ``erase_marks``: :class:`~leukemia_tf.models.mark_augment.EraseMarks`
-as the first layer, so every use of the model (training, evaluation,
-prediction, the SavedModel) erases burned-in marks the same way.
+model, so evaluation, inference and export see the plain model. The
+exceptions are the input layers (:func:`input_layers`), deterministic and
+the same in every use of the model (training, evaluation, prediction, the
+SavedModel): ``erase_marks``
+(:class:`~leukemia_tf.models.mark_augment.EraseMarks`: burned-in marks
+erased), ``white_balance`` and ``cell_crop``
+(:mod:`leukemia_tf.models.canonical`: each image's white made neutral, each
+image cropped to its cell).
 """
 
 from __future__ import annotations
 
 import keras
 
+from leukemia_tf.models import canonical
 from leukemia_tf.models.heads import FlatHead, HierarchicalHead
 from leukemia_tf.models.knn import KNNHead
 from leukemia_tf.models.mark_augment import EraseMarks
@@ -42,6 +47,8 @@ def build_classifier(
     bn_momentum: float | None = None,
     drop_path_rate: float = 0.0,
     erase_marks: bool = False,
+    white_balance: bool = False,
+    cell_crop: bool = False,
     knn_k: int = 0,
     knn_bank_size: int = 0,
     name: str | None = None,
@@ -62,6 +69,11 @@ def build_classifier(
       drop_path_rate: stochastic depth of the backbone.
       erase_marks: put an :class:`EraseMarks` layer (burned-in scale bars and
         text filled with the background) before the backbone.
+      white_balance: then a :class:`~leukemia_tf.models.canonical.WhiteBalance`
+        layer (each image's own white becomes 255).
+      cell_crop: then a :class:`~leukemia_tf.models.canonical.CellCrop` layer
+        (each image cropped to a square around its nucleus), the last before
+        the backbone.
       knn_k: with ``knn_bank_size``, the flat head is a
         :class:`~leukemia_tf.models.knn.KNNHead` (a k-NN probe fitted on
         stored features, ``leukemia_tf.train --from_embeddings --probe=knn``)
@@ -108,6 +120,10 @@ def build_classifier(
     # compute dtype, and a uint8 batch is cast by the functional model.
     pixels = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
     x = EraseMarks(name=ERASE_MARKS_NAME)(pixels) if erase_marks else pixels
+    if white_balance:
+        x = canonical.WhiteBalance(name=canonical.WHITE_BALANCE_NAME)(x)
+    if cell_crop:
+        x = canonical.CellCrop(name=canonical.CELL_CROP_NAME)(x)
     features = features_model(x)
     outputs = head_layer(features)
     if head == "flat":
@@ -124,6 +140,17 @@ def get_backbone(model: keras.Model) -> keras.Model:
             f"backbone model, found {[layer.name for layer in nested]}"
         )
     return nested[0]
+
+
+def input_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers between the classifier's input and its backbone, in order.
+
+    :class:`EraseMarks`, :class:`~leukemia_tf.models.canonical.WhiteBalance`
+    and :class:`~leukemia_tf.models.canonical.CellCrop`, those the model has:
+    applied to an image, they give the pixels the backbone sees.
+    """
+    kinds = (EraseMarks, canonical.WhiteBalance, canonical.CellCrop)
+    return [layer for layer in model.layers if isinstance(layer, kinds)]
 
 
 def get_erase_marks(model: keras.Model) -> keras.layers.Layer | None:

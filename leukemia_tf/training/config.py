@@ -97,6 +97,17 @@ class TrainConfig:
         "Erase burned-in marks (scale bars, text) inside the model, as its first layer: "
         "training, evaluation, prediction and the export all see them filled with background.",
     )
+    white_balance: bool = _field(
+        False,
+        "Scale each image's channels so that its own white (the glass, 98th percentile) is 255, "
+        "inside the model (after --erase_marks): the lamp and camera of a laboratory cancel out.",
+    )
+    cell_crop: bool = _field(
+        False,
+        "Crop each image to a square around its stained nucleus inside the model (the last "
+        "layer before the backbone): every laboratory's crop, magnification and camera reach "
+        "the backbone at the same framing. For single-cell images, not smear fields.",
+    )
 
     # --------------------------------------------------------- augmentation
     augment: bool = _field(True, "Augment training images on the accelerator.")

@@ -1,0 +1,242 @@
+"""Canonical framing: every image cropped to its white cell before the backbone.
+
+Laboratories frame single-cell images differently. PBC's crops are 360 px
+fields with the white cell in the middle third and red cells around it; other
+sets' crops are tight boxes in which the cell fills the frame (BCCD, Raabin-WBC
+crops), and their microscopes magnify differently. A model trained on one
+framing reads the size of the cell in pixels as a feature (a lymphocyte that
+fills the frame looks like a monocyte), and scale augmentation teaches it only
+the range of framings it was shown.
+
+:class:`CellCrop` removes the framing instead of learning it: it finds the
+stained nucleus near the centre of each image and crops a square around it
+whose side is a fixed multiple of the nucleus's extent, resized back to the
+input size, so every cell arrives at the model at about the same scale,
+whatever the crop, magnification or camera of its laboratory. It is the
+classifier's first layer (``--cell_crop``), so training, evaluation,
+prediction and the exported SavedModel all see the same framing, and it runs
+after the augmentation (a zoomed training image is re-framed like any other).
+
+How the nucleus is found, per image, with nothing learnt:
+
+1. Nuclear dye: the red channel's optical density ``OD = -log(I / I0)``
+   against the image's own white ``I0`` (the ``white_percentile`` percentile
+   of the red channel: the glass between the cells), so it does not depend on
+   the lamp, exposure or white balance. The basic dyes that colour nuclei
+   absorb red light; the glass and the eosin-stained red cells hardly do.
+2. Nucleus: pixels whose nuclear amount exceeds ``threshold`` times the
+   image's ``peak_percentile`` percentile of it (a fraction of the image's own
+   darkest nucleus, so a paler stain finds the same pixels), weighted by a
+   Gaussian centre prior (single-cell sets centre the cell; the prior keeps a
+   neighbour cut at the border from pulling the box).
+3. Box: the weighted centroid, and a half-side of ``margin`` times the
+   radius of a disc with the mask's spread (``sqrt(2 E[r^2])``), clamped to
+   ``[min_side, 1]`` of the image side and moved to lie inside the image. An
+   image with no nucleus (too few mask pixels) keeps its whole frame.
+
+The crop only zooms in (a box never leaves the image, so nothing is padded):
+an image already framed tightly stays as it is.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from leukemia_tf.models.augment import crop_and_resize
+
+#: Name of the :class:`CellCrop` layer of a classifier built with ``cell_crop``.
+CELL_CROP_NAME = "cell_crop"
+
+
+def _percentile(values, q: float):
+    """``q`` percentile (0-100) of ``values`` ``[B, N]`` along its last axis: ``[B]``."""
+    n = int(values.shape[-1])
+    index = int(round((n - 1) * q / 100.0))
+    return tf.sort(values, axis=-1)[:, index]
+
+
+def nuclear_amount(images, white_percentile: float = 98.0):
+    """How much nuclear dye each pixel holds: float32 ``[B, H, W]``, >= 0.
+
+    The red channel's optical density against each image's own white (the
+    ``white_percentile`` percentile of the red channel): the basic dyes of a
+    Romanowsky stain (azure B, methylene blue) that colour nuclei absorb red
+    light, while the glass and the eosin-stained red cells pass most of it.
+    Measured on PBC and BCCD crops, its pixels above half the image's peak
+    are the nucleus (2-7 % of a PBC field, 13-30 % of a tight BCCD crop)
+    where the total OD also takes in the red cells of the paler stain.
+    """
+    images = tf.cast(images, tf.float32)
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    red = images[..., 0]
+    white = _percentile(tf.reshape(red, [batch, height * width]), white_percentile)
+    white = tf.maximum(white, 1.0)
+    ratio = (red + 1.0) / (white[:, None, None] + 1.0)
+    return -tf.math.log(tf.clip_by_value(ratio, 1e-3, 1.0))
+
+
+def cell_boxes(
+    images,
+    *,
+    white_percentile: float = 98.0,
+    peak_percentile: float = 99.5,
+    threshold: float = 0.5,
+    prior_sigma: float = 0.35,
+    margin: float = 2.0,
+    min_side: float = 0.3,
+    min_pixels: float = 0.002,
+):
+    """The crop box of each image: ``(top, left, side)``, each ``[B]``, as fractions.
+
+    See the module docstring for the method; ``min_pixels`` is the smallest
+    nucleus (fraction of the image's pixels) that moves the box.
+    """
+    images = tf.cast(images, tf.float32)
+    height, width = int(images.shape[1]), int(images.shape[2])
+    amount = nuclear_amount(images, white_percentile)  # [B, H, W]
+    batch = tf.shape(amount)[0]
+    peak = _percentile(tf.reshape(amount, [batch, height * width]), peak_percentile)
+    mask = tf.cast(amount > threshold * peak[:, None, None], tf.float32)
+    mask *= tf.cast(peak > 0.05, tf.float32)[:, None, None]  # an unstained image: no nucleus
+    ys = (tf.range(height, dtype=tf.float32) + 0.5) / height
+    xs = (tf.range(width, dtype=tf.float32) + 0.5) / width
+    yy, xx = ys[:, None], xs[None, :]
+    prior = tf.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / (2.0 * prior_sigma**2))
+    weight = mask * prior[None]
+    total = tf.reduce_sum(weight, axis=[1, 2])
+    safe = tf.maximum(total, 1e-6)
+    cy = tf.reduce_sum(weight * yy[None], axis=[1, 2]) / safe
+    cx = tf.reduce_sum(weight * xx[None], axis=[1, 2]) / safe
+    r2 = (
+        tf.reduce_sum(weight * ((yy[None] - cy[:, None, None]) ** 2), axis=[1, 2])
+        + tf.reduce_sum(weight * ((xx[None] - cx[:, None, None]) ** 2), axis=[1, 2])
+    ) / safe
+    radius = tf.sqrt(2.0 * r2)
+    side = tf.clip_by_value(2.0 * margin * radius, min_side, 1.0)
+    found = tf.reduce_sum(mask, axis=[1, 2]) >= min_pixels * height * width
+    side = tf.where(found, side, tf.ones_like(side))
+    cy = tf.where(found, cy, 0.5 * tf.ones_like(cy))
+    cx = tf.where(found, cx, 0.5 * tf.ones_like(cx))
+    top = tf.clip_by_value(cy - side / 2.0, 0.0, 1.0 - side)
+    left = tf.clip_by_value(cx - side / 2.0, 0.0, 1.0 - side)
+    return top, left, side
+
+
+@keras.saving.register_keras_serializable(package="leukemia_tf")
+class CellCrop(keras.layers.Layer):
+    """Crops each image to a square around its white cell (see the module docstring).
+
+    Input and output: float32 ``[B, S, S, 3]`` in [0, 255]; the arguments are
+    those of :func:`cell_boxes`. Deterministic, no weights, the same in
+    training and inference.
+    """
+
+    def __init__(
+        self,
+        margin: float = 2.0,
+        threshold: float = 0.5,
+        prior_sigma: float = 0.35,
+        min_side: float = 0.3,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.margin = float(margin)
+        self.threshold = float(threshold)
+        self.prior_sigma = float(prior_sigma)
+        self.min_side = float(min_side)
+
+    def boxes(self, images):
+        """``(top, left, side)`` of each image's crop, fractions of the side."""
+        return cell_boxes(
+            images,
+            margin=self.margin,
+            threshold=self.threshold,
+            prior_sigma=self.prior_sigma,
+            min_side=self.min_side,
+        )
+
+    def call(self, images):
+        images = tf.cast(images, tf.float32)
+        top, left, side = self.boxes(images)
+        return crop_and_resize(images, top, left, side, side)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            margin=self.margin,
+            threshold=self.threshold,
+            prior_sigma=self.prior_sigma,
+            min_side=self.min_side,
+        )
+        return config
+
+
+def boxes_numpy(images: np.ndarray, **kwargs) -> np.ndarray:
+    """:func:`cell_boxes` for a numpy batch: ``[N, 3]`` (top, left, side)."""
+    top, left, side = cell_boxes(tf.constant(images, tf.float32), **kwargs)
+    return np.stack([top.numpy(), left.numpy(), side.numpy()], axis=-1)
+
+
+#: Name of the :class:`WhiteBalance` layer of a classifier built with ``white_balance``.
+WHITE_BALANCE_NAME = "white_balance"
+
+
+def white_balance(images, white_percentile: float = 98.0):
+    """Scales each channel so that the image's own white (the glass) is 255.
+
+    The white of a channel is its ``white_percentile`` percentile: the lamp,
+    exposure and camera white balance of a laboratory become one neutral
+    white, and the colours of the cells are read against it.
+    """
+    images = tf.cast(images, tf.float32)
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    flat = tf.reshape(images, [batch, height * width, 3])
+    white = tf.stack([_percentile(flat[..., c], white_percentile) for c in range(3)], axis=-1)
+    gain = 255.0 / tf.maximum(white, 1.0)
+    return tf.clip_by_value(images * gain[:, None, None, :], 0.0, 255.0)
+
+
+@keras.saving.register_keras_serializable(package="leukemia_tf")
+class WhiteBalance(keras.layers.Layer):
+    """:func:`white_balance` as a layer (``--white_balance``): float32 ``[B, S, S, 3]``."""
+
+    def __init__(self, white_percentile: float = 98.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.white_percentile = float(white_percentile)
+
+    def call(self, images):
+        return white_balance(images, self.white_percentile)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(white_percentile=self.white_percentile)
+        return config
+
+
+def uncrop(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Maps ``[N, S, S]`` drawn on each image's crop, put back on its whole frame.
+
+    ``boxes``: ``[N, 3]`` (top, left, side) from :func:`boxes_numpy`. Outside
+    the box the map is 0.
+    """
+    maps = np.asarray(maps, np.float32)
+    n, size = maps.shape[0], maps.shape[1]
+    out = np.zeros_like(maps)
+    for i in range(n):
+        top, left, side = (float(v) for v in boxes[i])
+        pixels = max(1, int(round(side * size)))
+        y0 = min(max(0, int(round(top * size))), size - pixels)
+        x0 = min(max(0, int(round(left * size))), size - pixels)
+        resized = tf.image.resize(maps[i][..., None], (pixels, pixels), method="bilinear")
+        out[i, y0 : y0 + pixels, x0 : x0 + pixels] = resized.numpy()[..., 0]
+    return out
