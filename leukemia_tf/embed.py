@@ -54,6 +54,12 @@ _MAX_EXAMPLES = flags.DEFINE_integer(
 _ERASE_MARKS = flags.DEFINE_bool(
     "erase_marks", False, "Erase burned-in marks before the backbone, as in leukemia_tf.train."
 )
+_WHITE_BALANCE = flags.DEFINE_bool(
+    "white_balance", False, "Neutral white before the backbone, as in leukemia_tf.train."
+)
+_CELL_CROP = flags.DEFINE_bool(
+    "cell_crop", False, "Crop each image around its nucleus, as in leukemia_tf.train."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of a randomly initialised backbone.")
 _OUTPUT = flags.DEFINE_string("output", None, "The feature store's directory (local).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing store at --output.")
@@ -76,6 +82,8 @@ def main(argv: Sequence[str]) -> None:
         splits=_SPLITS.value,
         max_examples_per_split=_MAX_EXAMPLES.value,
         erase_marks=_ERASE_MARKS.value,
+        white_balance=_WHITE_BALANCE.value,
+        cell_crop=_CELL_CROP.value,
         seed=_SEED.value,
         overwrite=_OVERWRITE.value,
     )

@@ -22,7 +22,7 @@ from leukemia_tf.data import pipeline
 from leukemia_tf.embedding import embed_lib, probe_lib
 from leukemia_tf.embedding import store as store_lib
 from leukemia_tf.embedding.store import StoreError
-from leukemia_tf.models import trust
+from leukemia_tf.models import classifier, trust
 from leukemia_tf.training import train_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,15 +225,21 @@ def test_hierarchical_mlp_probe_on_a_taxonomy_store(tmp_path, synthetic_data_dir
         label_mode="taxonomy",
         splits="train,validation",
         max_examples_per_split=300,
+        white_balance=True,
+        cell_crop=True,
     )
     assert meta["taxonomy"] is not None
+    assert meta["backbone"]["white_balance"] and meta["backbone"]["cell_crop"]
     assert store_lib.open_store(store).load("train").levels is not None
     config = _probe_config(
         str(store), tmp_path / "run", head="hierarchical", probe="mlp", hidden_units=16, epochs=2
     )
     assert config.label_mode == "taxonomy"
+    assert config.white_balance and config.cell_crop  # the store's input layers
     train_lib.train(config, fit_trust=False)
     trained = rundir.load_trained_model(tmp_path / "run")
+    layers = [layer.name for layer in classifier.input_layers(trained.model)]
+    assert layers == ["white_balance", "cell_crop"]
     data = store_lib.open_store(store).load("validation")
     outputs = trained.model.get_layer("head")(tf.constant(data.features[:8]))
     marginals = trained.label_space.level_probabilities(outputs)

@@ -54,6 +54,8 @@ class EmbedConfig:
     #: Keep only the first N examples of each split (smoke runs); 0: all.
     max_examples_per_split: int = 0
     erase_marks: bool = False
+    white_balance: bool = False
+    cell_crop: bool = False
     seed: int = 0
     overwrite: bool = False
 
@@ -264,6 +266,8 @@ def embed(config: EmbedConfig, log=print) -> dict:
             weights=config.weights,
             dropout=0.0,
             erase_marks=config.erase_marks,
+            white_balance=config.white_balance,
+            cell_crop=config.cell_crop,
         )
     extractor = keras.Model(model.input, model.get_layer("head").input, name="features")
     backbone = classifier.get_backbone(model)
@@ -317,6 +321,8 @@ def embed(config: EmbedConfig, log=print) -> dict:
                 "image_size": config.image_size,
                 "feature_dim": feature_dim,
                 "erase_marks": config.erase_marks,
+                "white_balance": config.white_balance,
+                "cell_crop": config.cell_crop,
                 "seed": config.seed,
                 "precision": "float32",
                 "file": store_lib.BACKBONE_FILE,

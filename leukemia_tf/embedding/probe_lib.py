@@ -66,6 +66,8 @@ STORE_FIELDS = (
     "label_mode",
     "taxonomy",
     "erase_marks",
+    "white_balance",
+    "cell_crop",
     "data_dir",
 )
 
@@ -100,6 +102,9 @@ def store_values(store: FeatureStore) -> dict:
         "label_mode": store.meta["label_mode"],
         "taxonomy": (store.meta.get("taxonomy") or {}).get("file", ""),
         "erase_marks": bool(backbone["erase_marks"]),
+        # stores written before these layers existed had neither
+        "white_balance": bool(backbone.get("white_balance", False)),
+        "cell_crop": bool(backbone.get("cell_crop", False)),
         "data_dir": store.meta.get("data_dir", ""),
     }
 

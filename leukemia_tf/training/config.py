@@ -186,8 +186,9 @@ class TrainConfig:
         "",
         "A feature store written by leukemia_tf.embed: fit only the head on its stored "
         "features (seconds), then join it to the stored backbone. Backbone, weights, image "
-        "size, data sets, label mode, taxonomy, erase_marks and data_dir default to the "
-        "store's; a different value is refused. Empty: ordinary training on images.",
+        "size, data sets, label mode, taxonomy, erase_marks, white_balance, cell_crop and "
+        "data_dir default to the store's; a different value is refused. Empty: ordinary "
+        "training on images.",
     )
     probe: str = _field(
         "linear",
