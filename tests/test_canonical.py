@@ -49,13 +49,20 @@ def test_crop_box_is_centred_on_the_nucleus_and_scaled_by_its_size():
 
 
 def test_framing_does_not_depend_on_magnification():
-    """The same cell at two magnifications comes out at the same scale."""
-    small = smear(48, 48, 8, red_cells=0)
-    large = smear(48, 48, 16, red_cells=0)
-    out = canonical.CellCrop()(np.stack([small, large])).numpy()
-    purple = (out[..., 0] < 160).mean(axis=(1, 2))  # nucleus share of the crop
-    assert purple[0] == pytest.approx(purple[1], abs=0.03)
+    """The same cell at three magnifications comes out at the same scale.
+
+    The smallest is cropped, the largest (a nucleus that fills the frame) is
+    zoomed out onto its glass colour.
+    """
+    cells = [smear(48, 48, radius, red_cells=0) for radius in (8, 16, 30)]
+    sides = canonical.boxes_numpy(np.stack(cells))[:, 2]
+    assert sides[0] < 1.0 < sides[2]
+    out = canonical.CellCrop()(np.stack(cells)).numpy()
+    purple = (out[..., 0] < 160).mean(axis=(1, 2))  # nucleus share of the framing
+    np.testing.assert_allclose(purple, purple[0], atol=0.03)
     assert 0.1 < purple[0] < 0.4
+    # the zoomed-out margin is the image's own glass
+    np.testing.assert_allclose(out[2, :3, :3].reshape(-1, 3).mean(0), GLASS, atol=6.0)
 
 
 def test_framing_does_not_depend_on_lamp_or_white_balance():
@@ -65,21 +72,27 @@ def test_framing_does_not_depend_on_lamp_or_white_balance():
     np.testing.assert_allclose(boxes[0], boxes[1], atol=0.01)
 
 
-def test_an_image_without_a_nucleus_or_already_tight_keeps_its_frame():
+def test_an_image_without_a_nucleus_keeps_its_frame():
     blank = np.broadcast_to(GLASS, (SIZE, SIZE, 3)).astype(np.float32).copy()
-    tight = smear(48, 48, 40, red_cells=0)  # the nucleus fills the frame
-    images = np.stack([blank, tight])
-    boxes = canonical.boxes_numpy(images)
-    np.testing.assert_allclose(boxes, [[0, 0, 1], [0, 0, 1]], atol=1e-6)
-    out = canonical.CellCrop()(images).numpy()
-    np.testing.assert_allclose(out, images, atol=1e-3)
+    blank += np.random.default_rng(0).normal(0, 2, blank.shape).astype(np.float32)
+    boxes = canonical.boxes_numpy(blank[None])
+    np.testing.assert_allclose(boxes, [[0, 0, 1]], atol=1e-6)
+    out = canonical.CellCrop()(blank[None]).numpy()
+    np.testing.assert_allclose(out[0], blank, atol=1e-3)
 
 
-def test_the_box_stays_inside_the_image():
-    images = np.stack([smear(12, 84, 9, red_cells=0)])  # a nucleus near a corner
-    top, left, side = canonical.boxes_numpy(images, prior_sigma=10.0)[0]
+def test_a_crop_stays_inside_the_image_and_a_zoom_out_contains_it():
+    near_corner = smear(12, 84, 9, red_cells=0)  # cropped: the box stays inside
+    large = smear(30, 60, 30, red_cells=0)  # zoomed out: the box holds the whole image
+    boxes = canonical.boxes_numpy(np.stack([near_corner, large]), prior_sigma=10.0)
+    top, left, side = boxes[0]
+    assert side < 1.0
     assert 0.0 <= top and top + side <= 1.0 + 1e-6
     assert 0.0 <= left and left + side <= 1.0 + 1e-6
+    top, left, side = boxes[1]
+    assert side > 1.0
+    assert top <= 0.0 and top + side >= 1.0 - 1e-6
+    assert left <= 0.0 and left + side >= 1.0 - 1e-6
 
 
 def test_white_balance_makes_the_glass_white_and_keeps_a_white_image():
@@ -148,8 +161,14 @@ def test_explanations_of_a_cropping_model_are_on_the_input_frame():
     assert drawn[0][inside].min() > 0.99
 
 
-def test_uncrop_puts_the_map_in_its_box():
-    maps = np.ones((1, 10, 10), np.float32)
-    out = canonical.uncrop(maps, np.array([[0.2, 0.5, 0.5]]))
+def test_uncrop_puts_the_map_back_on_the_image_frame():
+    maps = np.ones((2, 10, 10), np.float32)
+    out = canonical.uncrop(maps, np.array([[0.2, 0.5, 0.5], [-0.5, -0.5, 2.0]]))
+    # a crop: the map covers its box, 0 elsewhere
     assert out[0, 2:7, 5:10].min() == pytest.approx(1.0)
-    assert out.sum() == pytest.approx(25.0)
+    assert out[0].sum() == pytest.approx(25.0, abs=1.0)
+    # a zoom out: the image was the middle of the map, which now covers all of it
+    np.testing.assert_allclose(out[1], 1.0, atol=1e-5)
+    ramp = np.tile(np.arange(10, dtype=np.float32), (10, 1))[None]
+    back = canonical.uncrop(ramp, np.array([[-0.5, -0.5, 2.0]]))[0]
+    assert back[0, 0] == pytest.approx(2.5, abs=0.3) and back[0, -1] == pytest.approx(6.5, abs=0.3)

@@ -1,4 +1,4 @@
-"""Canonical framing: every image cropped to its white cell before the backbone.
+"""Canonical framing: every image framed around its white cell before the backbone.
 
 Laboratories frame single-cell images differently. PBC's crops are 360 px
 fields with the white cell in the middle third and red cells around it; other
@@ -12,8 +12,9 @@ the range of framings it was shown.
 stained nucleus near the centre of each image and crops a square around it
 whose side is a fixed multiple of the nucleus's extent, resized back to the
 input size, so every cell arrives at the model at about the same scale,
-whatever the crop, magnification or camera of its laboratory. It is the
-classifier's first layer (``--cell_crop``), so training, evaluation,
+whatever the crop, magnification or camera of its laboratory. It is a layer
+of the classifier (``--cell_crop``: the last before the backbone, after
+``--erase_marks`` and ``--white_balance``), so training, evaluation,
 prediction and the exported SavedModel all see the same framing, and it runs
 after the augmentation (a zoomed training image is re-framed like any other).
 
@@ -30,12 +31,13 @@ How the nucleus is found, per image, with nothing learnt:
    Gaussian centre prior (single-cell sets centre the cell; the prior keeps a
    neighbour cut at the border from pulling the box).
 3. Box: the weighted centroid, and a half-side of ``margin`` times the
-   radius of a disc with the mask's spread (``sqrt(2 E[r^2])``), clamped to
-   ``[min_side, 1]`` of the image side and moved to lie inside the image. An
-   image with no nucleus (too few mask pixels) keeps its whole frame.
-
-The crop only zooms in (a box never leaves the image, so nothing is padded):
-an image already framed tightly stays as it is.
+   radius of a disc with the mask's spread (``sqrt(2 E[r^2])``): the whole
+   cell with a rim of its surroundings. The side is clamped to
+   ``[min_side, max_side]`` of the image side. A box smaller than the image
+   is moved to lie inside it (a crop); a larger one is placed around the
+   whole image (a zoom out: a cell that fills a tight crop is shrunk to the
+   same framing, on a margin of its own glass colour). An image with no
+   nucleus (too few mask pixels) keeps its whole frame.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def cell_boxes(
     prior_sigma: float = 0.35,
     margin: float = 2.0,
     min_side: float = 0.3,
+    max_side: float = 2.0,
     min_pixels: float = 0.002,
 ):
     """The crop box of each image: ``(top, left, side)``, each ``[B]``, as fractions.
@@ -114,14 +117,45 @@ def cell_boxes(
         + tf.reduce_sum(weight * ((xx[None] - cx[:, None, None]) ** 2), axis=[1, 2])
     ) / safe
     radius = tf.sqrt(2.0 * r2)
-    side = tf.clip_by_value(2.0 * margin * radius, min_side, 1.0)
+    side = tf.clip_by_value(2.0 * margin * radius, min_side, max_side)
     found = tf.reduce_sum(mask, axis=[1, 2]) >= min_pixels * height * width
     side = tf.where(found, side, tf.ones_like(side))
     cy = tf.where(found, cy, 0.5 * tf.ones_like(cy))
     cx = tf.where(found, cx, 0.5 * tf.ones_like(cx))
-    top = tf.clip_by_value(cy - side / 2.0, 0.0, 1.0 - side)
-    left = tf.clip_by_value(cx - side / 2.0, 0.0, 1.0 - side)
+    # A box inside the image when it is smaller (a crop), around the whole
+    # image when it is larger (a zoom out): never part image, part padding on
+    # one side only because the cell sits off-centre.
+    low, high = tf.minimum(0.0, 1.0 - side), tf.maximum(0.0, 1.0 - side)
+    top = tf.clip_by_value(cy - side / 2.0, low, high)
+    left = tf.clip_by_value(cx - side / 2.0, low, high)
     return top, left, side
+
+
+def _inside(start, side, size: int):
+    """``[B, size]`` weight in [0, 1] of each output sample lying inside the source image."""
+    centres = (tf.range(size, dtype=tf.float32) + 0.5) / size
+    u = start[:, None] + centres[None, :] * side[:, None]  # source position, fraction
+    # 1 from half a source pixel inside the edge, 0 from half a pixel outside
+    return tf.clip_by_value(tf.minimum(u, 1.0 - u) * size + 0.5, 0.0, 1.0)
+
+
+def frame(images, top, left, side, white_percentile: float = 98.0):
+    """Resamples each image's square box to the full size; outside the image: the glass.
+
+    The glass is the image's own white (each channel's ``white_percentile``
+    percentile), so a zoomed-out cell sits on its own background, not on a
+    smear of the edge pixels.
+    """
+    images = tf.cast(images, tf.float32)
+    height, width = int(images.shape[1]), int(images.shape[2])
+    batch = tf.shape(images)[0]
+    resampled = crop_and_resize(images, top, left, side, side)
+    flat = tf.reshape(images, [batch, height * width, 3])
+    glass = tf.stack([_percentile(flat[..., c], white_percentile) for c in range(3)], axis=-1)
+    inside = (
+        _inside(top, side, height)[:, :, None, None] * _inside(left, side, width)[:, None, :, None]
+    )
+    return inside * resampled + (1.0 - inside) * glass[:, None, None, :]
 
 
 @keras.saving.register_keras_serializable(package="leukemia_tf")
@@ -139,6 +173,7 @@ class CellCrop(keras.layers.Layer):
         threshold: float = 0.5,
         prior_sigma: float = 0.35,
         min_side: float = 0.3,
+        max_side: float = 2.0,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -147,6 +182,7 @@ class CellCrop(keras.layers.Layer):
         self.threshold = float(threshold)
         self.prior_sigma = float(prior_sigma)
         self.min_side = float(min_side)
+        self.max_side = float(max_side)
 
     def boxes(self, images):
         """``(top, left, side)`` of each image's crop, fractions of the side."""
@@ -156,12 +192,13 @@ class CellCrop(keras.layers.Layer):
             threshold=self.threshold,
             prior_sigma=self.prior_sigma,
             min_side=self.min_side,
+            max_side=self.max_side,
         )
 
     def call(self, images):
         images = tf.cast(images, tf.float32)
         top, left, side = self.boxes(images)
-        return crop_and_resize(images, top, left, side, side)
+        return frame(images, top, left, side)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -173,6 +210,7 @@ class CellCrop(keras.layers.Layer):
             threshold=self.threshold,
             prior_sigma=self.prior_sigma,
             min_side=self.min_side,
+            max_side=self.max_side,
         )
         return config
 
@@ -224,19 +262,21 @@ class WhiteBalance(keras.layers.Layer):
 
 
 def uncrop(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Maps ``[N, S, S]`` drawn on each image's crop, put back on its whole frame.
+    """Maps ``[N, S, S]`` drawn on each image's framing, put back on the image's own frame.
 
-    ``boxes``: ``[N, 3]`` (top, left, side) from :func:`boxes_numpy`. Outside
-    the box the map is 0.
+    ``boxes``: ``[N, 3]`` (top, left, side) from :func:`boxes_numpy`; the map
+    is resampled through the inverse box (0 where the image lay outside the
+    crop; the padding of a zoomed-out frame is dropped).
     """
-    maps = np.asarray(maps, np.float32)
-    n, size = maps.shape[0], maps.shape[1]
-    out = np.zeros_like(maps)
-    for i in range(n):
-        top, left, side = (float(v) for v in boxes[i])
-        pixels = max(1, int(round(side * size)))
-        y0 = min(max(0, int(round(top * size))), size - pixels)
-        x0 = min(max(0, int(round(left * size))), size - pixels)
-        resized = tf.image.resize(maps[i][..., None], (pixels, pixels), method="bilinear")
-        out[i, y0 : y0 + pixels, x0 : x0 + pixels] = resized.numpy()[..., 0]
-    return out
+    maps = tf.constant(np.asarray(maps, np.float32))[..., None]
+    boxes = tf.constant(np.asarray(boxes, np.float32))
+    top, left, side = boxes[:, 0], boxes[:, 1], boxes[:, 2]
+    inv_side = 1.0 / side
+    inv_top, inv_left = -top * inv_side, -left * inv_side
+    height, width = int(maps.shape[1]), int(maps.shape[2])
+    resampled = crop_and_resize(maps, inv_top, inv_left, inv_side, inv_side)
+    inside = (
+        _inside(inv_top, inv_side, height)[:, :, None, None]
+        * _inside(inv_left, inv_side, width)[:, None, :, None]
+    )
+    return (inside * resampled).numpy()[..., 0]
