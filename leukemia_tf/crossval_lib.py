@@ -118,9 +118,16 @@ def _differences(ours: dict, theirs: dict) -> list[str]:
 
 # ------------------------------------------------------------------- folds
 def prepare_folds(
-    config: TrainConfig, num_folds: int, repeats: int = 1, cv_splits: str = ""
+    config: TrainConfig,
+    num_folds: int,
+    repeats: int = 1,
+    cv_splits: str = "",
+    flag: str = "folds",
 ) -> dict:
     """Reads ``DIR/folds.json``, or assigns the folds and writes it (``DIR`` = ``config.model_dir``).
+
+    ``flag`` is the flag that set ``num_folds``, named in the messages
+    (``cv_folds`` for a cross-validated search).
 
     Raises:
       FoldError: an existing fold file made for another recipe, fold count,
@@ -175,6 +182,7 @@ def prepare_folds(
         repeats,
         seed=config.seed,
         class_names=class_names,
+        flag=flag,
     )
     kinds = {}
     for group in set(groups):

@@ -9,10 +9,19 @@ flag (``--learning_rate_range=1e-4,3e-3``) searches it. ``--epochs`` is the
 length of one full trial (Hyperband's maximum budget). See
 :mod:`leukemia_tf.tuning.tune_lib` for what ``--tune_dir`` holds.
 
+``--cv_folds=K`` cross-validates every trial: the recipe's training and
+validation splits are divided once into K folds grouped by patient (else
+slide) and stratified by label (``--tune_dir/folds.json``, as
+``leukemia_tf.crossval`` makes them), each trial trains K fold models and is
+scored by the mean over folds of ``--objective``; the results table adds the
+standard deviation and the per-fold values.
+
 Examples::
 
   python -m leukemia_tf.tune --flagfile=configs/tune_smoke.flags
   python -m leukemia_tf.tune --flagfile=configs/tune.flags
+  # a small set: score every trial by 5-fold cross-validation instead of one split
+  python -m leukemia_tf.tune --flagfile=configs/tune.flags --cv_folds=5 --tune_dir=runs/tune_cv
   # continue an interrupted search, then retrain the best on train+validation and export it:
   python -m leukemia_tf.tune --flagfile=runs/tune/flags.txt --resume --retrain_best
 """

@@ -9,7 +9,9 @@ both workers ran trials (the ``tuner_id`` column of ``results.csv``).
 
 Usage::
 
-  python tools/distributed_tune.py [--data_dir=DIR] [--tune_dir=DIR] [--max_trials=6]
+  python tools/distributed_tune.py [--data_dir=DIR] [--tune_dir=DIR] [--max_trials=6] [--cv_folds=2]
+
+``--cv_folds=K`` runs a cross-validated search (every trial trains K fold runs).
 
 Without ``--data_dir`` the synthetic set is built into a temporary folder
 first. Exit status 0 when the check passes; the processes' logs are in
@@ -76,6 +78,7 @@ def main() -> int:
     parser.add_argument("--tune_dir", default="", help="Empty or new folder; default: a temp one.")
     parser.add_argument("--max_trials", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cv_folds", type=int, default=0, help="Cross-validated search: K.")
     parser.add_argument("--timeout_s", type=float, default=900)
     args = parser.parse_args()
 
@@ -107,6 +110,7 @@ def main() -> int:
         f"--data_dir={data_dir}",
         f"--tune_dir={tune_dir}",
         f"--max_trials={args.max_trials}",
+        f"--cv_folds={args.cv_folds}",
     ]
     ids = ["chief"] + [f"tuner{i}" for i in range(args.workers)]
     print(f"Oracle on 127.0.0.1:{port}; chief + {args.workers} workers; tune_dir {tune_dir}")
@@ -165,6 +169,15 @@ def main() -> int:
             f"see {tune_dir / 'results.md'} and {logs}"
         )
         return 1
+    if args.cv_folds:
+        partial = [
+            r["trial_id"]
+            for r in rows
+            if len([v for v in r.get("val_macro_f1_folds", "").split(";") if v]) != args.cv_folds
+        ]
+        if partial:
+            print(f"FAILED: trials without {args.cv_folds} fold values: {partial}")
+            return 1
     print(f"OK: the chief served the oracle, both workers ran trials. Results: {tune_dir}")
     return 0
 

@@ -96,6 +96,7 @@ def assign_folds(
     repeats: int = 1,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    flag: str = "folds",
 ) -> dict:
     """Assigns whole groups to ``num_folds`` folds, stratified by label, ``repeats`` times.
 
@@ -107,6 +108,8 @@ def assign_folds(
       repeats: ``R`` >= 1 independent assignments (seeds ``seed + r``).
       seed: the shuffle seed of repeat 0.
       class_names: names of the class indices, for messages and counts.
+      flag: the flag that set ``num_folds``, named in the messages (``folds``
+        for ``crossval``, ``cv_folds`` for ``tune``).
 
     Returns:
       ``{"keys": sorted keys, "labels", "groups" (aligned with keys),
@@ -119,7 +122,7 @@ def assign_folds(
     from sklearn.model_selection import StratifiedGroupKFold
 
     if num_folds < 2:
-        raise FoldError(f"--folds={num_folds}: need at least 2 folds")
+        raise FoldError(f"--{flag}={num_folds}: need at least 2 folds")
     if repeats < 1:
         raise FoldError(f"--repeats={repeats}: need at least 1 repeat")
     n = len(keys)
@@ -147,9 +150,9 @@ def assign_folds(
         if len(members) < num_folds:
             kinds = sorted({group_kind(g) for g in members})
             raise FoldError(
-                f"--folds={num_folds} is larger than the {len(members)} group(s) "
+                f"--{flag}={num_folds} is larger than the {len(members)} group(s) "
                 f"({'/'.join(kinds)}) of class {name(label)!r}: every fold needs one; use "
-                f"--folds={max(2, min(len(m) for m in per_class.values()))} or fewer"
+                f"--{flag}={max(2, min(len(m) for m in per_class.values()))} or fewer"
             )
     _, group_index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
     assignment = []

@@ -9,6 +9,14 @@ Files written into ``--tune_dir``:
   ``<tune_dir>/best_model``).
 * ``best_trial.json``: the best trial's id, objective value, best epoch and
   hyperparameters (read by ``--retrain_best``).
+
+A cross-validated search (``--cv_folds=K``) adds two columns after the
+objective: ``<objective>_sd``, the sample standard deviation of the folds'
+values, and ``<objective>_folds``, the K per-fold values (each fold's
+objective at its own best epoch; ``;``-separated in the CSV). The objective
+column is their mean (the oracle's score), ``best_epoch`` the mean of the
+folds' best epochs, and the other metric columns are means over the folds'
+best epochs.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from leukemia_tf import rundir
+from leukemia_tf.data import folds as folds_lib
+from leukemia_tf.training.config import TrainConfig
 from leukemia_tf.tuning import search_space
 from leukemia_tf.tuning import tuner as tuner_lib
 
@@ -34,6 +44,8 @@ BEST_TRIAL = "best_trial.json"
 BEST_MODEL_DIR = "best_model"
 #: The search's own flagfile (written by tune_lib).
 SEARCH_FLAGFILE = "flags.txt"
+#: The fold assignment of a cross-validated search (in --tune_dir).
+FOLDS_FILE = folds_lib.FOLDS_FILE
 
 #: The engine's per-epoch validation metrics, in table order.
 VAL_METRICS = ("val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss")
@@ -59,6 +71,10 @@ class TrialRow:
       tuner_id: the KerasTuner worker that ran it.
       wall_time_s: seconds the trial took (this trial's epochs only).
       reason: why it failed / is not finished.
+      fold_values: cross-validated search: each fold's objective at its best
+        epoch (the folds that have one); ``score`` is their mean. None otherwise.
+      fold_best_epochs: the folds' best epochs (0-based), aligned with ``fold_values``.
+      score_sd: the sample standard deviation of ``fold_values``.
     """
 
     trial_id: str
@@ -72,6 +88,9 @@ class TrialRow:
     tuner_id: str
     wall_time_s: float | None
     reason: str
+    fold_values: list | None = None
+    fold_best_epochs: list | None = None
+    score_sd: float | None = None
 
 
 def _last_line(message: str | None) -> str:
@@ -79,13 +98,15 @@ def _last_line(message: str | None) -> str:
     return lines[-1] if lines else ""
 
 
-def collect_rows(oracle, trials_dir: str, objective: str) -> list[TrialRow]:
+def collect_rows(oracle, trials_dir: str, objective: str, cv_folds: int = 0) -> list[TrialRow]:
     """Every trial of ``oracle``, sorted: completed by the objective, then the rest.
 
     Args:
       oracle: the search's KerasTuner oracle (the chief's in a distributed search).
       trials_dir: ``<tune_dir>/trials``.
       objective: the objective's name.
+      cv_folds: K of a cross-validated search (0: none): the per-fold values
+        and metrics are read from the trials' fold runs.
 
     Returns:
       The table rows, best first.
@@ -95,14 +116,22 @@ def collect_rows(oracle, trials_dir: str, objective: str) -> list[TrialRow]:
         model_dir = os.path.join(trials_dir, str(trial_id))
         info = rundir.read_json(os.path.join(model_dir, tuner_lib.TRIAL_INFO)) or {}
         target = info.get("target_epochs")
-        history = [
-            r for r in rundir.read_history(model_dir) if target is None or r["epoch"] < target
-        ]
         status = str(trial.status)
         completed = status == COMPLETED
         score = float(trial.score) if completed and trial.score is not None else None
         best_epoch = int(trial.best_step) if completed and trial.best_step is not None else None
-        metrics = next((r for r in history if r["epoch"] == best_epoch), {})
+        folds = None
+        if cv_folds:
+            fold_histories = [
+                rundir.read_history(os.path.join(model_dir, tuner_lib.FOLD_DIR.format(i)), target)
+                for i in range(cv_folds)
+            ]
+            folds = tuner_lib.fold_summary(fold_histories, objective)
+            history = max(fold_histories, key=len)
+            metrics = folds["metrics"] if completed else {}
+        else:
+            history = rundir.read_history(model_dir, target)
+            metrics = next((r for r in history if r["epoch"] == best_epoch), {})
         reason = ""
         if not completed:
             reason = info.get("reason") or _last_line(trial.message)
@@ -123,6 +152,9 @@ def collect_rows(oracle, trials_dir: str, objective: str) -> list[TrialRow]:
                 tuner_id=str(info.get("tuner_id", "")),
                 wall_time_s=info.get("wall_time_s"),
                 reason=reason,
+                fold_values=None if folds is None else folds["values"],
+                fold_best_epochs=None if folds is None else folds["best_epochs"],
+                score_sd=None if folds is None else folds["sd"],
             )
         )
     sign = -1.0 if search_space.OBJECTIVES[objective] == "max" else 1.0
@@ -139,12 +171,25 @@ def _format(value) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):
+        return "; ".join(_format(v) for v in value)
     return str(value)
 
 
-def _columns(space: Sequence[search_space.Hyperparameter], objective: str) -> list[str]:
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(str(v) for v in value)
+    return value
+
+
+def _columns(
+    space: Sequence[search_space.Hyperparameter], objective: str, cv_folds: int = 0
+) -> list[str]:
+    spread = [f"{objective}_sd", f"{objective}_folds"] if cv_folds else []
     return (
-        ["rank", "trial_id", "status", objective, "best_epoch", "epochs_trained"]
+        ["rank", "trial_id", "status", objective, *spread, "best_epoch", "epochs_trained"]
         + [p.name for p in space]
         + [m for m in VAL_METRICS if m != objective]
         + ["continued_from", "tuner_id", "wall_time_s", "reason"]
@@ -164,6 +209,8 @@ def _record(row: TrialRow, rank: int | None, objective: str) -> dict:
         "tuner_id": row.tuner_id,
         "wall_time_s": row.wall_time_s,
         "reason": row.reason,
+        f"{objective}_sd": row.score_sd,
+        f"{objective}_folds": row.fold_values,
     }
     record.update(row.values)
     for metric in VAL_METRICS:
@@ -184,7 +231,7 @@ def write_tables(
       The paths of the CSV and the Markdown file.
     """
     objective = search.objective
-    columns = _columns(space, objective)
+    columns = _columns(space, objective, search.cv_folds)
     records = []
     rank = 0
     for row in rows:
@@ -196,7 +243,7 @@ def write_tables(
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for record in records:
-        writer.writerow({k: "" if record.get(k) is None else record.get(k) for k in columns})
+        writer.writerow({k: _csv_value(record.get(k)) for k in columns})
     csv_path = os.path.join(tune_dir, RESULTS_CSV)
     with tf.io.gfile.GFile(csv_path, "w") as f:
         f.write(text.getvalue())
@@ -224,6 +271,18 @@ def write_tables(
         "",
         "Fixed: " + "; ".join(p.describe() for p in fixed) + "." if fixed else "Fixed: none.",
         "",
+    ]
+    if search.cv_folds:
+        lines += [
+            f"Cross-validated: every trial trained {search.cv_folds} fold models on the grouped, "
+            f"stratified folds of {FOLDS_FILE} (patients, else slides, never split). "
+            f"{objective} is the mean over folds of each fold's value at its best epoch, "
+            f"{objective}_sd their sample standard deviation and {objective}_folds the "
+            "per-fold values; best_epoch is the mean of the folds' best epochs (rounded down) "
+            "and the other metrics are means over the folds' best epochs.",
+            "",
+        ]
+    lines += [
         "| " + " | ".join(md_columns) + " |",
         "|" + "---|" * len(md_columns),
     ]
@@ -241,6 +300,28 @@ def write_tables(
     return csv_path, md_path
 
 
+def trial_run_config(tune_dir: str, trial_id: str) -> TrainConfig:
+    """The training config of a trial, with the recipe's own splits.
+
+    A cross-validated trial has no run of its own: its config is fold 0's with
+    the ``--train_split`` and ``--val_split`` the folds divide (from
+    ``<tune_dir>/folds.json``) instead of fold splits.
+    """
+    trial_dir = os.path.join(tune_dir, tuner_lib.TRIALS_DIR, str(trial_id))
+    if tf.io.gfile.exists(os.path.join(trial_dir, rundir.CONFIG_FILE)):
+        return rundir.read_config(trial_dir)
+    fold_run = os.path.join(trial_dir, tuner_lib.FOLD_DIR.format(0))
+    if not tf.io.gfile.exists(os.path.join(fold_run, rundir.CONFIG_FILE)):
+        return rundir.read_config(trial_dir)  # raises, naming the trial's folder
+    recipe = folds_lib.read_fold_file(os.path.join(tune_dir, FOLDS_FILE))["recipe"]
+    return dataclasses.replace(
+        rundir.read_config(fold_run),
+        model_dir=trial_dir,
+        train_split=recipe["train_split"],
+        val_split=recipe["val_split"],
+    )
+
+
 def write_best(
     row: TrialRow, tune_dir: str, trials_dir: str, search: search_space.SearchConfig
 ) -> str:
@@ -256,13 +337,20 @@ def write_best(
       The path of ``best.flags``.
     """
     trial_dir = os.path.join(trials_dir, row.trial_id)
-    config = rundir.read_config(trial_dir)
+    config = trial_run_config(tune_dir, row.trial_id)
     model_dir = os.path.join(tune_dir, BEST_MODEL_DIR)
     config = dataclasses.replace(config, model_dir=model_dir, overwrite=False)
     path = os.path.join(tune_dir, BEST_FLAGS)
+    if row.fold_values:
+        score = (
+            f"{search.objective}={row.score:.4f} ± {row.score_sd or 0:.4f} (mean ± sd over "
+            f"{len(row.fold_values)} cross-validation folds) at mean best epoch "
+            f"{row.best_epoch + 1}"
+        )
+    else:
+        score = f"{search.objective}={row.score:.4f} at epoch {row.best_epoch + 1}"
     header = (
-        f"# Best trial {row.trial_id} of the {search.tuner} search in {tune_dir}: "
-        f"{search.objective}={row.score:.4f} at epoch {row.best_epoch + 1} "
+        f"# Best trial {row.trial_id} of the {search.tuner} search in {tune_dir}: {score} "
         f"(of {row.epochs_trained} trained; the schedule spans --epochs={config.epochs}).\n"
         "# Train this configuration:\n"
         f"#   python -m leukemia_tf.train --flagfile={path}\n"
@@ -282,6 +370,13 @@ def write_best(
         "hyperparameters": row.values,
         "flagfile": path,
     }
+    if row.fold_values is not None:
+        best["cv"] = {
+            "folds": search.cv_folds,
+            "values": row.fold_values,
+            "best_epochs": row.fold_best_epochs,
+            "sd": row.score_sd,
+        }
     with tf.io.gfile.GFile(os.path.join(tune_dir, BEST_TRIAL), "w") as f:
         f.write(json.dumps(best, indent=2) + "\n")
     return path

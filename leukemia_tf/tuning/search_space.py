@@ -147,6 +147,14 @@ class SearchConfig:
         "invalid combinations are never retried).",
     )
     search_seed: int = _field(1, "Seed of the tuner's sampling of hyperparameters (>= 1).")
+    cv_folds: int = _field(
+        0,
+        "Cross-validated search: K >= 2 splits the recipe's --train_split + --val_split once into "
+        "K folds grouped by patient (else slide) and stratified by label (--tune_dir/folds.json, "
+        "seed --seed, as leukemia_tf.crossval), trains every trial once per fold and scores it "
+        "by the mean over folds of the objective (the spread goes in the results table). "
+        "0: off, one training and validation split.",
+    )
     retrain_best: bool = _field(
         False,
         "After the search, retrain the best trial's configuration on training + validation data "
@@ -413,10 +421,11 @@ def check_search(search: SearchConfig, base: TrainConfig) -> list[Hyperparameter
     if search.search_seed < 1:
         # KerasTuner replaces a seed of 0 by a random one: not reproducible.
         raise ConfigError(f"--search_seed={search.search_seed}: must be >= 1")
-    if not base.val_split:
+    check_cv(search, base)
+    if not base.val_split and not search.cv_folds:
         raise ConfigError(
             f"--val_split is empty: the objective {search.objective} is measured on a "
-            "validation split"
+            "validation split (or give --cv_folds to measure it on cross-validation folds)"
         )
     space = resolve_space(search, base)
     # The base config must be valid on its own (a trial changes only the searched fields).
@@ -428,6 +437,36 @@ def check_search(search: SearchConfig, base: TrainConfig) -> list[Hyperparameter
                 f"{base.epochs}, so no trial could unfreeze the backbone"
             )
     return space
+
+
+def check_cv(search: SearchConfig, base: TrainConfig) -> None:
+    """Checks ``--cv_folds`` and the splits it divides (no data is read).
+
+    Raises:
+      ConfigError: ``--cv_folds`` is 1 or negative; or a split of the recipe
+        is already a fold split (the search assigns its own folds).
+    """
+    from leukemia_tf.data import folds as folds_lib
+
+    if search.cv_folds == 0:
+        return
+    if search.cv_folds < 2:
+        raise ConfigError(
+            f"--cv_folds={search.cv_folds}: need at least 2 folds (0: no cross-validation)"
+        )
+    for name in ("train_split", "val_split"):
+        split = getattr(base, name)
+        if folds_lib.is_fold_split(split):
+            raise ConfigError(
+                f"--cv_folds={search.cv_folds} with --{name}={split!r}, a fold split: a "
+                "cross-validated search assigns its own folds over --train_split + --val_split; "
+                "give the splits to divide (e.g. --train_split=train --val_split=validation)"
+            )
+    if not base.train_split.strip():
+        raise ConfigError(
+            f"--cv_folds={search.cv_folds}: --train_split is empty; the folds divide "
+            "--train_split + --val_split"
+        )
 
 
 def search_warnings(space: Sequence[Hyperparameter], base: TrainConfig) -> list[str]:

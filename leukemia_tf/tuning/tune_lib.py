@@ -8,6 +8,9 @@
     trials/              the TensorBoard logdir (HParams dashboard)
       <trial_id>/        the trial's training model_dir (history.csv, best.keras, logs/, ...)
         trial_info.json  who ran it, its status and failure reason, time, memory
+      <trial_id>/fold_<i>/  with --cv_folds: fold i's training run (the trial dir holds
+                            trial_info.json and these)
+    folds.json           with --cv_folds: the fold assignment (written once, reused on --resume)
     keras_tuner/         KerasTuner's state (oracle.json, trial_<id>/trial.json)
     results.csv, results.md, best.flags, best_trial.json   (see results.py)
     retrain/, export/    with --retrain_best
@@ -20,6 +23,15 @@ and writes the results; each worker waits for the chief's
 ``tune_config.json``, checks that its flags match it, and runs trials.
 ``--tune_dir`` must be shared by all of them (a network disk or ``gs://``):
 a Hyperband trial may continue a run another worker trained.
+
+Cross-validated search (``--cv_folds=K``): before anything else is written
+into a new ``--tune_dir``, the recipe's ``--train_split`` + ``--val_split``
+are assigned to K grouped, stratified folds by
+:func:`leukemia_tf.crossval_lib.prepare_folds` (the same assignment as
+``python -m leukemia_tf.crossval --folds=K``, seed ``--seed``) into
+``--tune_dir/folds.json``; a resumed search and every distributed worker read
+that file and never assign again. Every trial trains K fold runs and is
+scored by the mean over folds (:mod:`leukemia_tf.tuning.tuner`).
 """
 
 from __future__ import annotations
@@ -128,12 +140,16 @@ def _describe_search(base: TrainConfig, search: search_space.SearchConfig, space
 
 
 def _comparable(description: dict) -> dict:
-    """The parts of a search description that a resumed search must not change."""
+    """The parts of a search description that a resumed search must not change.
+
+    A search flag missing from an older description counts as its default
+    (``--cv_folds`` came later: an older search was not cross-validated).
+    """
     searched = {p.field for p in search_space.PARAMS}
     base = {k: v for k, v in description["base"].items() if k not in searched and k != "verbose"}
     search = {
         k: v
-        for k, v in description["search"].items()
+        for k, v in {**search_space.SearchConfig().to_dict(), **description["search"]}.items()
         if k not in RESUMABLE_CHANGES and k not in search_space.PARAMS_BY_FLAG
     }
     return {"base": base, "search": search, "space": description["space"]}
@@ -183,6 +199,44 @@ def _flag_line(name: str, value) -> str:
     return f"--{name}={value}"
 
 
+def folds_recipe(base: TrainConfig, search: search_space.SearchConfig) -> TrainConfig:
+    """The config the search's folds are made for (``crossval_lib.prepare_folds``).
+
+    The base config in ``--tune_dir``, with the searched fields at their
+    ``TrainConfig`` defaults: every trial sets those, so the recipe recorded in
+    ``folds.json`` (and checked when the search resumes) is the same however
+    the search flags fix or search them.
+    """
+    defaults = TrainConfig()
+    return dataclasses.replace(
+        base,
+        model_dir=search.tune_dir,
+        overwrite=False,
+        **{p.field: getattr(defaults, p.field) for p in search_space.PARAMS},
+    )
+
+
+def prepare_cv_folds(base: TrainConfig, search: search_space.SearchConfig) -> dict | None:
+    """Assigns the folds of ``--cv_folds`` into ``--tune_dir/folds.json``, or reads them.
+
+    None without ``--cv_folds``. The folds divide the recipe's ``--train_split``
+    + ``--val_split`` (``crossval``'s default ``--cv_splits``), grouped by
+    patient, else slide, and stratified by label, with seed ``--seed``.
+
+    Raises:
+      FoldError: a class with fewer groups than ``--cv_folds`` (naming the
+        flag, the class and its group count), unlabelled examples, or an
+        existing ``folds.json`` made for another recipe.
+    """
+    if not search.cv_folds:
+        return None
+    from leukemia_tf import crossval_lib
+
+    return crossval_lib.prepare_folds(
+        folds_recipe(base, search), search.cv_folds, repeats=1, flag="cv_folds"
+    )
+
+
 def _is_empty_dir(path: str) -> bool:
     return not tf.io.gfile.exists(path) or not tf.io.gfile.listdir(path)
 
@@ -190,9 +244,13 @@ def _is_empty_dir(path: str) -> bool:
 def prepare_tune_dir(base: TrainConfig, search: search_space.SearchConfig, space) -> None:
     """Refuses a non-empty --tune_dir without --resume; checks and records the search.
 
+    With ``--cv_folds`` the folds are assigned first (:func:`prepare_cv_folds`):
+    a search that cannot be cross-validated writes nothing.
+
     Raises:
       TuneDirError: --tune_dir holds something and --resume is not set; or
         --resume and --tune_dir holds no search, or a search with other flags.
+      FoldError: see :func:`prepare_cv_folds`.
     """
     tune_dir = search.tune_dir
     config_path = os.path.join(tune_dir, TUNE_CONFIG)
@@ -213,6 +271,7 @@ def prepare_tune_dir(base: TrainConfig, search: search_space.SearchConfig, space
                 "Differences:\n  " + "\n  ".join(diff)
             )
         print(f"Resuming the search in {tune_dir} (started {saved.get('created')}).")
+        prepare_cv_folds(base, search)  # reads folds.json (or writes it, if it went missing)
         return
     if not _is_empty_dir(tune_dir):
         what = (
@@ -224,6 +283,7 @@ def prepare_tune_dir(base: TrainConfig, search: search_space.SearchConfig, space
             f"--tune_dir={tune_dir!r} is not empty (it holds {what}). Pass --resume to continue "
             "that search, or choose a new or empty --tune_dir; nothing was changed"
         )
+    prepare_cv_folds(base, search)
     tf.io.gfile.makedirs(tune_dir)
     with tf.io.gfile.GFile(os.path.join(tune_dir, TUNE_FLAGS), "w") as f:
         f.write(
@@ -258,6 +318,8 @@ def _wait_for_chief(
             f"worker {os.environ.get('KERASTUNER_TUNER_ID')}: its flags differ from the chief's "
             f"search in {search.tune_dir}:\n  " + "\n  ".join(diff)
         )
+    # The chief wrote folds.json before tune_config.json: this only reads it.
+    prepare_cv_folds(base, search)
 
 
 # ----------------------------------------------------------------- search
@@ -288,6 +350,8 @@ def build_tuner(
         hypermodel,
         trials_dir=os.path.join(search.tune_dir, tuner_lib.TRIALS_DIR),
         epoch_callbacks=epoch_callbacks,
+        cv_folds=search.cv_folds,
+        folds_dir=search.tune_dir,
         directory=search.tune_dir,
         project_name=tuner_lib.PROJECT_NAME,
     )
@@ -366,7 +430,9 @@ def write_results(
     space: Sequence[search_space.Hyperparameter],
 ) -> SearchResult:
     """Writes the results table and, if a trial completed, ``best.flags``."""
-    rows = results_lib.collect_rows(tuner.oracle, tuner.trials_dir, search.objective)
+    rows = results_lib.collect_rows(
+        tuner.oracle, tuner.trials_dir, search.objective, cv_folds=search.cv_folds
+    )
     csv_path, md_path = results_lib.write_tables(rows, search.tune_dir, space, search)
     result = SearchResult(
         tune_dir=search.tune_dir,
@@ -388,7 +454,9 @@ def retrain_config(tune_dir: str) -> TrainConfig:
 
     The run trains for the best trial's best number of epochs (its learning-
     rate schedule spans those epochs), with no validation split and no early
-    stopping, into ``<tune_dir>/retrain``.
+    stopping, into ``<tune_dir>/retrain``. Of a cross-validated search: on the
+    pooled data the folds divided, for the mean of the folds' best epochs
+    (KerasTuner's ``best_step``).
 
     Raises:
       FileNotFoundError: the search has no completed trial (no ``best_trial.json``).
@@ -400,7 +468,7 @@ def retrain_config(tune_dir: str) -> TrainConfig:
             "search has no completed trial yet"
         )
     # The trial's folder under this tune_dir (the search may have been moved).
-    config = rundir.read_config(os.path.join(tune_dir, tuner_lib.TRIALS_DIR, best["trial_id"]))
+    config = results_lib.trial_run_config(tune_dir, best["trial_id"])
     epochs = int(best["best_epoch"]) + 1
     splits = [s for s in (config.train_split, config.val_split) if s]
     return dataclasses.replace(
@@ -453,14 +521,29 @@ def retrain_best(tune_dir: str, export_dir: str | None = None):
 def summary_text(result: SearchResult, search: search_space.SearchConfig) -> str:
     """What ``leukemia_tf.tune`` prints at the end."""
     lines = [f"\n{len(result.rows)} trials in {result.tune_dir}: {result.results_md}"]
+    if search.cv_folds:
+        lines.append(
+            f"Cross-validated: every trial trained {search.cv_folds} fold models (grouped, "
+            f"stratified folds in {os.path.join(result.tune_dir, results_lib.FOLDS_FILE)}) and is "
+            f"scored by the mean over folds of {search.objective}."
+        )
     best = result.best
     if best is None:
         lines.append("No trial completed: see the reasons in the table.")
     else:
         values = json.dumps(best.values, default=str)
+        if best.fold_values:
+            score = (
+                f"{best.score:.4f} ± {best.score_sd or 0:.4f} (mean ± sd over "
+                f"{len(best.fold_values)} folds: "
+                + ", ".join(f"{v:.4f}" for v in best.fold_values)
+                + ")"
+            )
+            where = f"mean best epoch {best.best_epoch + 1}"
+        else:
+            score, where = f"{best.score:.4f}", f"epoch {best.best_epoch + 1}"
         lines += [
-            f"Best trial {best.trial_id}: {search.objective}={best.score:.4f} at epoch "
-            f"{best.best_epoch + 1}; {values}",
+            f"Best trial {best.trial_id}: {search.objective}={score} at {where}; {values}",
             "Next:",
             f"  tensorboard --logdir={os.path.join(result.tune_dir, tuner_lib.TRIALS_DIR)}"
             "   (HParams tab)",

@@ -18,11 +18,20 @@ state) at ``tuner/initial_epoch``, exactly as if it had never stopped.
 Every epoch's validation metrics are returned to the oracle (as a Keras
 ``History``): it scores the trial by the best epoch of the objective and
 records that epoch as the trial's ``best_step``.
+
+Cross-validated search (``--cv_folds=K``): a trial trains one run per fold
+(``<trial>/fold_<i>``, on the fold splits of ``--tune_dir/folds.json``) and
+returns the list of the K fold histories, KerasTuner's own form for several
+executions of one trial: the oracle scores the trial by the mean over folds
+of each fold's best-epoch objective, and its ``best_step`` is the mean of the
+folds' best epochs (rounded down). A Hyperband continuation continues every
+fold's run; each fold stops early (``--early_stopping_patience``) on its own.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import math
 import os
@@ -48,8 +57,12 @@ TRIAL_INFO = "trial_info.json"
 #: Per-epoch keys of the engine's history.csv reported to the oracle.
 _NOT_METRICS = ("epoch", "lr", "epoch_time_s")
 
+#: Run directory of fold ``i`` of a cross-validated trial: ``<trial>/fold_<i>``.
+FOLD_DIR = "fold_{}"
+
 #: ``callback(trial_id, epoch, logs)`` after each epoch of each trial (tests
-#: use it to interrupt a search).
+#: use it to interrupt a search); in a cross-validated search ``logs`` also
+#: holds ``cv_fold``, the fold being trained.
 TrialEpochCallback = Callable[[str, int, dict], None]
 
 #: TensorBoard HParams metrics: (tag, run group under the trial's logs/, display name).
@@ -117,6 +130,60 @@ def rss_mb() -> float | None:
     except ImportError:
         return None
     return psutil.Process().memory_info().rss / 2**20
+
+
+# ----------------------------------------------------------- fold scores
+def best_epoch(values: Sequence[float], direction: str) -> int:
+    """The first epoch with the best objective value, as KerasTuner picks it.
+
+    KerasTuner's rule (``Objective.better_than`` from epoch 0 on): an epoch
+    replaces the best so far only when strictly better, so ties go to the
+    earlier epoch and a NaN never replaces a number.
+    """
+    best = 0
+    for epoch, value in enumerate(values):
+        if (direction == "max" and value > values[best]) or (
+            direction == "min" and value < values[best]
+        ):
+            best = epoch
+    return best
+
+
+def fold_summary(fold_histories: Sequence[Sequence[dict]], objective: str) -> dict:
+    """The per-fold scores of a cross-validated trial from its folds' history rows.
+
+    Args:
+      fold_histories: per fold, its ``history.csv`` rows within the trial's budget.
+      objective: the objective's name.
+
+    Returns:
+      ``{"values": each fold's objective at its best epoch, "best_epochs":
+      those epochs (0-based), "mean", "sd" (sample standard deviation, None
+      for one fold), "metrics": each metric averaged over the folds' best
+      epochs}`` (what KerasTuner's oracle is given); folds without a row are
+      left out.
+    """
+    direction = search_space.OBJECTIVES[objective]
+    values, epochs, best_rows = [], [], []
+    for rows in fold_histories:
+        if not rows:
+            continue
+        epoch = best_epoch([r.get(objective, math.nan) for r in rows], direction)
+        values.append(float(rows[epoch].get(objective, math.nan)))
+        epochs.append(int(rows[epoch]["epoch"]))
+        best_rows.append(rows[epoch])
+    n = len(values)
+    mean = math.fsum(values) / n if n else None
+    sd = (
+        math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+        if n > 1 and mean is not None
+        else None
+    )
+    keys = [k for k in (best_rows[0] if best_rows else {}) if k not in _NOT_METRICS]
+    metrics = {
+        k: math.fsum(r[k] for r in best_rows) / n for k in keys if all(k in r for r in best_rows)
+    }
+    return {"values": values, "best_epochs": epochs, "mean": mean, "sd": sd, "metrics": metrics}
 
 
 # ----------------------------------------------------------------- files
@@ -240,6 +307,10 @@ class EngineTuner(keras_tuner.Tuner):
       hypermodel: the :class:`LeukemiaHyperModel`.
       trials_dir: where every trial's model_dir goes (``<tune_dir>/trials``).
       epoch_callbacks: ``callback(trial_id, epoch, logs)`` after every epoch.
+      cv_folds: 0, or K >= 2 for a cross-validated search (every trial trains
+        K fold runs; see the module docstring).
+      folds_dir: the directory of the search's ``folds.json`` (``--tune_dir``;
+        needed with ``cv_folds``).
       **kwargs: ``keras_tuner.Tuner`` arguments (``directory``, ``project_name``).
     """
 
@@ -250,10 +321,16 @@ class EngineTuner(keras_tuner.Tuner):
         *,
         trials_dir: str,
         epoch_callbacks: Sequence[TrialEpochCallback] = (),
+        cv_folds: int = 0,
+        folds_dir: str | None = None,
         **kwargs,
     ):
+        if cv_folds and not folds_dir:
+            raise ValueError("cv_folds needs folds_dir (the directory of folds.json)")
         self.trials_dir = trials_dir
         self.epoch_callbacks = list(epoch_callbacks)
+        self.cv_folds = int(cv_folds)
+        self.folds_dir = folds_dir
         # KerasTuner's own `overwrite` would delete a previous search silently:
         # run_search refuses or resumes explicitly instead.
         super().__init__(oracle=oracle, hypermodel=hypermodel, overwrite=False, **kwargs)
@@ -267,12 +344,26 @@ class EngineTuner(keras_tuner.Tuner):
         self.oracle.update_space(hp)
 
     def trial_dir(self, trial_id: str) -> str:
-        """The model_dir of a trial."""
+        """The model_dir of a trial (the folder of its fold runs when cross-validated)."""
         return os.path.join(self.trials_dir, str(trial_id))
 
+    def fold_config(self, config: TrainConfig, fold: int) -> TrainConfig:
+        """Fold ``fold``'s run of a trial: its config on the fold's two parts, in ``fold_<i>``."""
+        from leukemia_tf import crossval_lib
+
+        return dataclasses.replace(
+            crossval_lib.fold_config(config, self.folds_dir, fold),
+            model_dir=os.path.join(config.model_dir, FOLD_DIR.format(fold)),
+        )
+
     # ------------------------------------------------------------- one trial
-    def run_trial(self, trial, *args, **kwargs) -> keras.callbacks.History:
+    def run_trial(
+        self, trial, *args, **kwargs
+    ) -> keras.callbacks.History | list[keras.callbacks.History]:
         """Trains one trial with the engine; returns its per-epoch metrics.
+
+        A cross-validated trial trains its folds one after another and
+        returns their histories (KerasTuner averages their best-epoch values).
 
         Raises:
           keras_tuner.errors.FailedTrialError: an invalid combination, a NaN
@@ -303,7 +394,10 @@ class EngineTuner(keras_tuner.Tuner):
                 search_space.check_combination(config)
             except (ConfigError, ValueError) as e:
                 raise keras_tuner.errors.FailedTrialError(f"invalid configuration: {e}") from e
-            history = self._train(trial, config, target, past, info)
+            if not self.cv_folds:
+                history = self._train(trial, config, target, past, info)
+            else:
+                history = self._train_folds(trial, config, target, past, info)
             info["status"] = "completed"
             return history
         except keras_tuner.errors.FailedTrialError as e:
@@ -327,17 +421,68 @@ class EngineTuner(keras_tuner.Tuner):
             if info["status"] == "failed":
                 print(f"Trial {trial.trial_id} failed: {info['reason']}")
 
-    def _train(
+    def _train_folds(
         self, trial, config: TrainConfig, target: int, past: str | None, info: dict
+    ) -> list[keras.callbacks.History]:
+        """Trains the trial's fold runs; records the per-fold scores in ``info``."""
+        histories, fold_rows = [], []
+        for fold in range(self.cv_folds):
+            snapshot = gradient_registry_snapshot()
+            try:
+                history = self._train(
+                    trial,
+                    self.fold_config(config, fold),
+                    target,
+                    None if past is None else os.path.join(past, FOLD_DIR.format(fold)),
+                    info,
+                    fold=fold,
+                )
+            finally:
+                # Between folds as between trials (run_trial releases after the last).
+                if fold + 1 < self.cv_folds:
+                    release_trial_memory(snapshot)
+            histories.append(history)
+            fold_rows.append(info.pop("epochs_trained"))
+        summary = fold_summary(self._fold_histories(config, target), self.oracle.objective.name)
+        info["epochs_trained"] = max(fold_rows)
+        info["cv"] = {
+            "folds": self.cv_folds,
+            "values": summary["values"],
+            "best_epochs": summary["best_epochs"],
+            "mean": summary["mean"],
+            "sd": summary["sd"],
+        }
+        return histories
+
+    def _fold_histories(self, config: TrainConfig, target: int) -> list[list[dict]]:
+        return [
+            rundir.read_history(os.path.join(config.model_dir, FOLD_DIR.format(i)), target)
+            for i in range(self.cv_folds)
+        ]
+
+    def _train(
+        self,
+        trial,
+        config: TrainConfig,
+        target: int,
+        past: str | None,
+        info: dict,
+        fold: int | None = None,
     ) -> keras.callbacks.History:
+        """Trains (or continues, or reads) one run: the trial's, or one fold's of it.
+
+        ``past`` is the Hyperband trial this one continues, as a path under
+        ``trials/`` (``<id>`` or ``<id>/fold_<i>``).
+        """
         from leukemia_tf.training import train_lib
 
         model_dir = config.model_dir
         if past is not None and not tf.io.gfile.exists(os.path.join(model_dir, "config.json")):
             # A later Hyperband round: continue the earlier trial's run.
-            _copy_run(self.trial_dir(past), model_dir)
+            _copy_run(os.path.join(self.trials_dir, past), model_dir)
         tf.io.gfile.makedirs(model_dir)
-        rundir.write_json(os.path.join(model_dir, TRIAL_INFO), info)
+        trial_dir = self.trial_dir(trial.trial_id)
+        rundir.write_json(os.path.join(trial_dir, TRIAL_INFO), info)
         self._write_hparams(trial, model_dir)
 
         finished = rundir.is_finished(model_dir)
@@ -346,7 +491,9 @@ class EngineTuner(keras_tuner.Tuner):
 
             def on_epoch_end(epoch: int, logs: dict) -> bool:
                 for callback in self.epoch_callbacks:
-                    callback(trial.trial_id, epoch, logs)
+                    callback(
+                        trial.trial_id, epoch, logs if fold is None else {**logs, "cv_fold": fold}
+                    )
                 self.on_epoch_end(trial, None, epoch, logs=logs)
                 # The trial's Hyperband budget: pause the run there, resumable.
                 return stop_early and epoch + 1 >= target
@@ -354,12 +501,13 @@ class EngineTuner(keras_tuner.Tuner):
             train_lib.train(config, callbacks=[on_epoch_end], fit_trust=False)
 
         rows = [r for r in rundir.read_history(model_dir) if r["epoch"] < target]
+        where = "" if fold is None else f" of fold {fold}"
         if not rows:
-            raise RuntimeError(f"trial {trial.trial_id}: no epoch finished in {model_dir}")
+            raise RuntimeError(f"trial {trial.trial_id}: no epoch{where} finished in {model_dir}")
         objective = self.oracle.objective.name
         if all(math.isnan(r.get(objective, float("nan"))) for r in rows):
             raise keras_tuner.errors.FailedTrialError(
-                f"the objective {objective} is NaN in every epoch"
+                f"the objective {objective} is NaN in every epoch{where}"
             )
         info["epochs_trained"] = len(rows)
         history = keras.callbacks.History()
