@@ -5,6 +5,10 @@ other splits) into ``--folds`` folds, ``--repeats`` times, grouped by patient,
 else slide, and stratified by label (``DIR/folds.json``), trains one ordinary
 run per fold in ``DIR/fold_<i>/`` and writes the combined report
 (``DIR/crossval_report.md``, ``crossval_metrics.json``, ``crossval_folds.png``).
+``--ensemble`` averages the finished fold models into one model, ``DIR/ensemble``
+(the mean of their probabilities; a run directory that ``evaluate``,
+``predict`` and ``export`` take), and scores it next to each fold model on the
+test split (``DIR/ensemble_report.md``, ``ensemble_metrics.json``).
 See :mod:`leukemia_tf.crossval_lib`.
 
 Examples::
@@ -14,6 +18,9 @@ Examples::
   # spread over machines: one fold each (a shared --model_dir), then the report
   python -m leukemia_tf.crossval --flagfile=configs/cpu_pbc.flags --folds=5 --model_dir=runs/cv_pbc --fold=3
   python -m leukemia_tf.crossval --model_dir=runs/cv_pbc --aggregate
+  # the finished fold models averaged as one model (runs/cv_pbc/ensemble), scored on the test split
+  python -m leukemia_tf.crossval --model_dir=runs/cv_pbc --ensemble
+  python -m leukemia_tf.evaluate --model_dir=runs/cv_pbc/ensemble --split=test
 """
 
 from __future__ import annotations
@@ -39,6 +46,22 @@ _AGGREGATE = flags.DEFINE_bool(
     False,
     "Only combine the finished folds of --model_dir into the report (no training); names the "
     "unfinished ones.",
+)
+_ENSEMBLE = flags.DEFINE_bool(
+    "ensemble",
+    False,
+    "Only build DIR/ensemble from the finished folds of --model_dir (no training): one model "
+    "whose probabilities are the mean of the fold models' probabilities, an ordinary run "
+    "directory for evaluate, predict and export; then score it and each fold model on "
+    "--test_split (DIR/ensemble_report.md). Names the unfinished folds it leaves out.",
+)
+_REPEAT = flags.DEFINE_string(
+    "repeat",
+    "all",
+    "--ensemble: the repeat whose folds are averaged (0 .. R-1), or 'all' (every finished fold).",
+)
+_TEST_SPLIT = flags.DEFINE_string(
+    "test_split", "test", "--ensemble: the split the fold models and the ensemble are scored on."
 )
 _CV_SPLITS = flags.DEFINE_string(
     "cv_splits",
@@ -81,11 +104,68 @@ def _print_result(result: dict) -> None:
     print("\n".join(lines))
 
 
+def _parse_repeat(value: str) -> int | None:
+    """``--repeat``: None for 'all', else the repeat's number."""
+    value = value.strip().lower()
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise cli.UserError(
+            f"--repeat={value!r}: give a repeat's number (0, 1, ...) or 'all'"
+        ) from None
+
+
+def _print_ensemble(result: dict) -> None:
+    single, combined = result["single_models"], result["ensemble"]
+    metrics = ("accuracy", "balanced_accuracy", "macro_f1")
+    lines = [
+        f"Ensemble of {len(result['folds'])} fold models "
+        f"({', '.join(f'fold_{i}' for i in result['folds'])}) in {result['ensemble_dir']}: "
+        f"{result['averaging']}",
+    ]
+    if result["not_finished_left_out"]:
+        lines.append(
+            "  not finished (left out): "
+            + ", ".join(f"fold_{i}" for i in result["not_finished_left_out"])
+        )
+    lines += [
+        f"  on {result['split']!r} ({result['n_examples']} examples"
+        + ("" if result["held_out"] else "; NOT held out: part of the folds' split")
+        + ")",
+        "  single models (mean ± sd): "
+        + ", ".join(
+            f"{m} {single[m]['mean']:.4f} ± {single[m]['sd'] or 0:.4f}"
+            for m in metrics
+            if single[m]["mean"] is not None
+        ),
+        "  ensemble: "
+        + ", ".join(f"{m} {combined[m]:.4f}" for m in metrics if combined[m] is not None),
+        f"Report: {result['report_path']}",
+    ]
+    print("\n".join(lines))
+
+
 def main(argv: Sequence[str]) -> None:
     cli.check_no_args(argv)
     from leukemia_tf import crossval_lib  # heavy imports after flag parsing
 
     model_dir = flags.FLAGS.model_dir
+    if _ENSEMBLE.value:
+        if _AGGREGATE.value:
+            raise cli.UserError("--ensemble and --aggregate: give one of them")
+        if not model_dir:
+            raise cli.UserError("--ensemble needs --model_dir (the cross-validation directory)")
+        _print_ensemble(
+            crossval_lib.ensemble(
+                model_dir,
+                _parse_repeat(_REPEAT.value),
+                _TEST_SPLIT.value,
+                _EVAL_BATCH_SIZE.value,
+            )
+        )
+        return
     if _AGGREGATE.value:
         if not model_dir:
             raise cli.UserError("--aggregate needs --model_dir (the cross-validation directory)")

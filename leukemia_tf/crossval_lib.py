@@ -19,6 +19,14 @@ directory ``DIR`` holds
   class probabilities on its validation part, reused while newer than
   ``best.keras``), ``crossval_metrics.json``, ``crossval_report.md`` and
   ``crossval_folds.png``.
+* after ``--ensemble``: ``ensemble/``, the finished fold models (of one
+  repeat, or all) averaged as one model: the **mean of their class
+  probabilities** (:mod:`leukemia_tf.models.ensemble`), in a run directory
+  that ``evaluate``, ``predict`` and ``export`` take like any other
+  (``ensemble.json`` records the folds, the folds left out and the
+  averaging); and ``ensemble_metrics.json`` / ``ensemble_report.md``, each
+  fold model and the ensemble scored on the test split
+  (``metrics.headline_metrics``, temperature 1).
 
 The aggregation combines whatever folds have finished (``train_summary.json``)
 and names the others. Metrics: per fold (accuracy, balanced accuracy,
@@ -231,6 +239,39 @@ def num_total_folds(data: dict) -> int:
     return int(data["num_folds"]) * int(data["repeats"])
 
 
+def read_folds(cv_dir: str) -> dict:
+    """``DIR/folds.json`` of a cross-validation directory.
+
+    Raises:
+      FoldError: there is none (naming the command that makes it).
+    """
+    path = folds_path(cv_dir)
+    if not tf.io.gfile.exists(path):
+        raise FoldError(
+            f"--model_dir={cv_dir!r} holds no {folds_lib.FOLDS_FILE}: run python -m "
+            "leukemia_tf.crossval --flagfile=RECIPE --folds=K --model_dir=... first"
+        )
+    return folds_lib.read_fold_file(path)
+
+
+def finished_folds(cv_dir: str, candidates) -> tuple[list[int], list[int]]:
+    """``(finished, unfinished)``: the folds of ``candidates`` with and without ``train_summary.json``."""
+    candidates = list(candidates)
+    finished = [i for i in candidates if rundir.is_finished(fold_dir(cv_dir, i))]
+    return finished, [i for i in candidates if i not in finished]
+
+
+def check_fold_dirs(cv_dir: str, data: dict, folds: list[int]) -> None:
+    """:func:`check_fold_dir` of each of ``folds`` against the recipe of ``folds.json``."""
+    base = TrainConfig(**{**data["recipe"], "model_dir": rundir.expand(cv_dir)})
+    for i in folds:
+        check_fold_dir(fold_config(base, cv_dir, i))
+
+
+def _fold_names(folds) -> str:
+    return ", ".join(f"fold_{i}" for i in folds)
+
+
 def run(
     config: TrainConfig,
     num_folds: int,
@@ -406,25 +447,16 @@ def aggregate(cv_dir: str, bootstrap: int = 1000, batch_size: int = 64, seed: in
         directory holding a run of another recipe.
     """
     path = folds_path(cv_dir)
-    if not tf.io.gfile.exists(path):
-        raise FoldError(
-            f"--model_dir={cv_dir!r} holds no {folds_lib.FOLDS_FILE}: run python -m "
-            "leukemia_tf.crossval --flagfile=RECIPE --folds=K --model_dir=... first"
-        )
-    data = folds_lib.read_fold_file(path)
+    data = read_folds(cv_dir)
     k, total = int(data["num_folds"]), num_total_folds(data)
     runs = [fold_dir(cv_dir, i) for i in range(total)]
-    finished = [i for i in range(total) if rundir.is_finished(runs[i])]
-    unfinished = [i for i in range(total) if i not in finished]
+    finished, unfinished = finished_folds(cv_dir, range(total))
     if not finished:
         raise FoldError(
             f"--aggregate: no fold of {cv_dir} has finished yet (no train_summary.json in "
-            f"{', '.join(f'fold_{i}' for i in unfinished)}); train them first"
+            f"{_fold_names(unfinished)}); train them first"
         )
-    base = TrainConfig(**{**data["recipe"], "model_dir": rundir.expand(cv_dir)})
-    for i in finished:
-        expected = fold_config(base, cv_dir, i)
-        check_fold_dir(expected)
+    check_fold_dirs(cv_dir, data, finished)
     num_classes = len(data["class_names"])
     predictions, per_fold = {}, []
     for i in finished:
@@ -630,5 +662,381 @@ def render(result: dict) -> str:
         f"`{result['evaluate_fold']}`.",
     ]
     if any(s in result["datasets"] for s in ("leukemia_synthetic",)):
+        lines.append("- Synthetic data: these numbers say nothing about real cells.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- ensemble
+#: The fold ensemble's run directory, and its report (in the cross-validation directory).
+ENSEMBLE_DIR = "ensemble"
+ENSEMBLE_METRICS_FILE = "ensemble_metrics.json"
+ENSEMBLE_REPORT_FILE = "ensemble_report.md"
+
+
+def ensemble_dir(cv_dir: str) -> str:
+    """The fold ensemble's run directory, ``DIR/ensemble``."""
+    return rundir.join(rundir.expand(cv_dir), ENSEMBLE_DIR)
+
+
+def ensemble_candidates(data: dict, repeat: int | None) -> list[int]:
+    """The folds an ensemble of ``repeat`` (None: every repeat) draws on.
+
+    Raises:
+      FoldError: ``repeat`` out of range.
+    """
+    k, repeats = int(data["num_folds"]), int(data["repeats"])
+    if repeat is None:
+        return list(range(k * repeats))
+    if not 0 <= repeat < repeats:
+        raise FoldError(
+            f"--repeat={repeat}: the repeats are numbered 0 to {repeats - 1} (or give 'all')"
+        )
+    return list(range(repeat * k, (repeat + 1) * k))
+
+
+def _check_compatible(cv_dir: str, folds: list[int]) -> None:
+    """Refuses folds whose input size, classes, label mode, head or taxonomy differ from the first's.
+
+    Read from each fold's ``config.json`` and ``labels.txt`` (nothing is loaded).
+
+    Raises:
+      FoldError: naming the first fold that differs and how.
+    """
+    from leukemia_tf.models import heads
+    from leukemia_tf.training import model_factory
+
+    def traits(fold: int) -> dict:
+        run = fold_dir(cv_dir, fold)
+        config = rundir.read_config(run)
+        taxonomy = model_factory.taxonomy_for(config)
+        return {
+            "input size": config.image_size,
+            "classes (labels.txt)": rundir.read_labels(run),
+            "label mode": config.label_mode,
+            "head": config.head,
+            "taxonomy": None if taxonomy is None else heads.taxonomy_to_tree(taxonomy),
+        }
+
+    first = traits(folds[0])
+    for fold in folds[1:]:
+        theirs = traits(fold)
+        for what, value in first.items():
+            if theirs[what] == value:
+                continue
+            if what == "taxonomy":
+                detail = f"its taxonomy differs from fold_{folds[0]}'s"
+            else:
+                detail = f"its {what} is {theirs[what]!r}, fold_{folds[0]}'s {value!r}"
+            raise FoldError(
+                f"fold_{fold} cannot join the ensemble: {detail}; the folds of an ensemble must "
+                "share input size, classes, label mode, head and taxonomy"
+            )
+
+
+def _clear_ensemble_dir(target: str) -> None:
+    """Removes an earlier ensemble (``ensemble.json`` there) or an empty folder.
+
+    Raises:
+      FoldError: ``target`` holds something else.
+    """
+    if not tf.io.gfile.isdir(target):
+        return
+    if tf.io.gfile.exists(rundir.join(target, rundir.ENSEMBLE_FILE)) or not tf.io.gfile.listdir(
+        target
+    ):
+        rundir.remove(target)
+        return
+    raise FoldError(
+        f"{target} exists and holds no {rundir.ENSEMBLE_FILE} (not a fold ensemble): move it "
+        "away before building the ensemble"
+    )
+
+
+def build_ensemble(cv_dir: str, repeat: int | None = None) -> tuple[dict, list]:
+    """Writes ``DIR/ensemble``: the finished fold models averaged as one run directory.
+
+    The directory holds ``ensemble.json`` (what was averaged, how, which folds
+    were left out), ``config.json`` (the folds' recipe, with the pooled split as
+    ``train_split`` and the recipe's ``val_split``), ``labels.txt`` and
+    ``best.keras`` (:func:`leukemia_tf.models.ensemble.build_ensemble`). An
+    earlier ensemble there is replaced, its evaluations included, and its
+    ``ensemble_report.md`` / ``ensemble_metrics.json`` removed.
+
+    Args:
+      cv_dir: the cross-validation directory.
+      repeat: the repeat whose folds are averaged; None: every finished fold.
+
+    Returns:
+      ``(record, members)``: the contents of ``ensemble.json`` and the loaded
+      fold models (``rundir.TrainedModel``, float32), in fold order.
+
+    Raises:
+      FoldError: no ``folds.json``, ``repeat`` out of range, no finished fold,
+        folds that differ (input size, classes, label mode, head, taxonomy) or
+        hold a run of another recipe, or a ``DIR/ensemble`` that is not an
+        ensemble.
+    """
+    from leukemia_tf.models import ensemble as ensemble_lib
+    from leukemia_tf.models import trust
+    from leukemia_tf.training import model_factory
+
+    data = read_folds(cv_dir)
+    finished, unfinished = finished_folds(cv_dir, ensemble_candidates(data, repeat))
+    which = "" if repeat is None else f" (repeat {repeat})"
+    if not finished:
+        raise FoldError(
+            f"--ensemble: no fold of {cv_dir}{which} has finished yet (no train_summary.json "
+            f"in {_fold_names(unfinished)}); train them first"
+        )
+    _check_compatible(cv_dir, finished)
+    check_fold_dirs(cv_dir, data, finished)
+    target = ensemble_dir(cv_dir)
+    _clear_ensemble_dir(target)
+    for name in (ENSEMBLE_METRICS_FILE, ENSEMBLE_REPORT_FILE):  # they describe the one replaced
+        rundir.remove(rundir.join(rundir.expand(cv_dir), name))
+    members = [rundir.load_trained_model(fold_dir(cv_dir, i), trust=False) for i in finished]
+    first = members[0]
+    with model_factory.float32_policy():
+        try:
+            model = ensemble_lib.build_ensemble(
+                [m.model for m in members],
+                first.config.head,
+                first.class_names,
+                first.taxonomy,
+                names=[ensemble_lib.fold_model_name(i) for i in finished],
+            )
+        except ValueError as e:
+            raise FoldError(f"the fold models cannot be averaged: {e}") from None
+    config = dataclasses.replace(
+        first.config,
+        model_dir=target,
+        train_split=data["split"],
+        val_split=data["recipe"].get("val_split", ""),
+    )
+    record = {
+        "kind": "fold_ensemble",
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cv_dir": rundir.expand(cv_dir),
+        "folds_file": folds_path(cv_dir),
+        "recipe_sha1": data.get("recipe_sha1"),
+        "repeat": "all" if repeat is None else repeat,
+        "folds": finished,
+        "not_finished_left_out": unfinished,
+        "averaging": ensemble_lib.AVERAGING,
+        "outputs": (
+            "flat head: logits = log(mean probability) + a shift per image; hierarchical head: "
+            "level_k = log(mean marginal of the node) - log(mean marginal of its parent), plus a "
+            "shift per image on level_0. A softmax (per sibling group) of these gives the mean "
+            "probabilities; the shift makes the energy score the mean of the fold models'"
+        ),
+        "checkpoint": "best.keras of each fold",
+        "fold_models": {
+            f"fold_{i}": {
+                "path": rundir.join(fold_dir(cv_dir, i), rundir.BEST_MODEL),
+                "sha256": trust.model_fingerprint(
+                    rundir.join(fold_dir(cv_dir, i), rundir.BEST_MODEL)
+                ),
+            }
+            for i in finished
+        },
+        "train_split": (
+            f"{data['split']}: every example of it trained all fold models but the one it was "
+            "held out from"
+        ),
+        "trust": trust.ENSEMBLE_HAS_NO_FEATURES,
+    }
+    tf.io.gfile.makedirs(target)
+    # ensemble.json first: a folder cut short is still recognised (and replaced) next time.
+    rundir.write_json(rundir.join(target, rundir.ENSEMBLE_FILE), record)
+    rundir.write_json(rundir.join(target, rundir.CONFIG_FILE), config.to_dict())
+    rundir.write_labels(target, first.class_names)
+    rundir.save_keras(model, rundir.join(target, rundir.BEST_MODEL))
+    return record, members
+
+
+def _split_probabilities(trained, specs, split: str, data_dir, batch_size: int):
+    """``(labels, probabilities at temperature 1)`` of a model over a split."""
+    from leukemia_tf.evaluation.predictions import predict_split
+
+    predicted = predict_split(trained, specs, split, data_dir, batch_size)
+    probs = trained.label_space.probabilities(predicted.outputs, 1.0).numpy()
+    return predicted.labels.astype(np.int64), probs.astype(np.float64)
+
+
+def ensemble(
+    cv_dir: str, repeat: int | None = None, split: str = "test", batch_size: int = 64
+) -> dict:
+    """Builds the fold ensemble (:func:`build_ensemble`) and scores it and each fold model on ``split``.
+
+    Every finished fold model and the ensemble (reloaded from
+    ``DIR/ensemble/best.keras``, as ``evaluate`` loads it) predict ``split``
+    once, at temperature 1; the scores are ``metrics.headline_metrics``, as in
+    the cross-validation report. Writes ``DIR/ensemble_metrics.json`` and
+    ``DIR/ensemble_report.md``.
+
+    Returns:
+      The contents of ``ensemble_metrics.json``, plus ``report_path`` and
+      ``metrics_path``.
+
+    Raises:
+      FoldError: see :func:`build_ensemble`; a split the data lack or without labels.
+      RuntimeError: the saved ensemble does not reproduce the mean of the fold
+        models' probabilities (a bug).
+    """
+    from leukemia_tf.evaluation.predictions import check_split
+
+    data = read_folds(cv_dir)
+    recipe = data["recipe"]
+    specs = names.parse_datasets(recipe["datasets"])
+    data_dir = None
+    # The split first: a wrong one fails before anything is built.
+    finished, _ = finished_folds(cv_dir, ensemble_candidates(data, repeat))
+    if finished:
+        # The data directory is not part of the recipe: the one the folds were trained with.
+        data_dir = rundir.read_config(fold_dir(cv_dir, finished[0])).data_dir or None
+        try:
+            check_split(specs, split, data_dir)
+        except ValueError as e:
+            raise FoldError(f"--test_split={split!r}: {e}") from None
+    record, members = build_ensemble(cv_dir, repeat)
+    target = ensemble_dir(cv_dir)
+    combined = rundir.load_trained_model(target, trust=False)
+    num_classes = len(combined.class_names)
+    labels, per_fold, fold_probs = None, [], []
+    for fold, member in zip(record["folds"], members, strict=True):
+        fold_labels, probs = _split_probabilities(member, specs, split, data_dir, batch_size)
+        if labels is None:
+            labels = fold_labels
+        elif not np.array_equal(labels, fold_labels):
+            raise RuntimeError(f"fold_{fold} read {split!r} in another order than the others")
+        fold_probs.append(probs)
+        row = metrics_lib.headline_metrics(labels, probs.argmax(axis=1), probs, num_classes)
+        per_fold.append({"fold": fold, "repeat": fold // int(data["num_folds"]), **row})
+    ens_labels, ens_probs = _split_probabilities(combined, specs, split, data_dir, batch_size)
+    if not np.array_equal(labels, ens_labels):
+        raise RuntimeError(f"the ensemble read {split!r} in another order than the fold models")
+    difference = float(np.max(np.abs(ens_probs - np.mean(fold_probs, axis=0))))
+    if not difference <= 1e-4:
+        raise RuntimeError(
+            f"the saved ensemble's probabilities differ from the mean of its fold models' by "
+            f"{difference:.2e} on {split!r}"
+        )
+    ensemble_row = metrics_lib.headline_metrics(
+        labels, ens_probs.argmax(axis=1), ens_probs, num_classes
+    )
+    summary = {m: _mean_sd([row[m] for row in per_fold]) for m in FOLD_METRICS}
+    held_out = not set(names.split_names(split)) & set(names.split_names(data["split"]))
+    result = _finite(
+        {
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "cv_dir": rundir.expand(cv_dir),
+            "ensemble_dir": target,
+            "datasets": recipe["datasets"],
+            "split": split,
+            "held_out": held_out,
+            "pooled_split": data["split"],
+            "n_examples": int(len(labels)),
+            "class_names": combined.class_names,
+            "repeat": record["repeat"],
+            "folds": record["folds"],
+            "not_finished_left_out": record["not_finished_left_out"],
+            "averaging": record["averaging"],
+            "checkpoint": "best.keras of each fold, temperature 1",
+            "per_fold": per_fold,
+            "single_models": summary,
+            "ensemble": ensemble_row,
+            "ensemble_minus_mean": {
+                m: (
+                    None
+                    if summary[m]["mean"] is None or not np.isfinite(ensemble_row[m])
+                    else ensemble_row[m] - summary[m]["mean"]
+                )
+                for m in FOLD_METRICS
+            },
+            "max_abs_difference_from_mean": difference,
+            "evaluate_ensemble": (
+                f"python -m leukemia_tf.evaluate --model_dir={target} --split={split}"
+            ),
+        }
+    )
+    metrics_path = rundir.join(rundir.expand(cv_dir), ENSEMBLE_METRICS_FILE)
+    rundir.write_text(metrics_path, json.dumps(result, indent=2) + "\n")
+    report_path = rundir.join(rundir.expand(cv_dir), ENSEMBLE_REPORT_FILE)
+    rundir.write_text(report_path, render_ensemble(result))
+    return {**result, "metrics_path": metrics_path, "report_path": report_path}
+
+
+def _repeat_text(repeat) -> str:
+    return "" if repeat == "all" else f", repeat {repeat}"
+
+
+def render_ensemble(result: dict) -> str:
+    """``ensemble_report.md`` from ``ensemble_metrics.json``."""
+    folds = result["folds"]
+    lines = [
+        f"# Fold ensemble: {result['datasets']}",
+        "",
+        f"The {len(folds)} finished fold models of this cross-validation ({_fold_names(folds)}"
+        f"{_repeat_text(result['repeat'])}) averaged as "
+        f"one model in `{ENSEMBLE_DIR}/`: the **{result['averaging']}**. Every model is scored "
+        f"on the split `{result['split']}` ({result['n_examples']} examples): each fold model's "
+        "`best.keras` and the ensemble, at temperature 1.",
+        "",
+    ]
+    if result["not_finished_left_out"]:
+        lines += [
+            f"**Not finished (left out)**: {_fold_names(result['not_finished_left_out'])}.",
+            "",
+        ]
+    if not result["held_out"]:
+        lines += [
+            f"> **`{result['split']}` is part of the split the folds divide "
+            f"(`{result['pooled_split']}`)**: every fold model but one trained on each of its "
+            "examples, so these scores are not held-out scores.",
+            "",
+        ]
+    header = "| model | " + " | ".join(_NAMES[m] for m in FOLD_METRICS) + " |"
+    lines += [header, "|" + "---|" * (1 + len(FOLD_METRICS))]
+    for row in result["per_fold"]:
+        lines.append(
+            f"| fold_{row['fold']} | " + " | ".join(_fmt(row[m]) for m in FOLD_METRICS) + " |"
+        )
+    single = result["single_models"]
+    lines.append(
+        "| **single models, mean ± sd** | "
+        + " | ".join(f"{_fmt(single[m]['mean'])} ± {_fmt(single[m]['sd'])}" for m in FOLD_METRICS)
+        + " |"
+    )
+    lines.append(
+        "| **ensemble** | "
+        + " | ".join(f"**{_fmt(result['ensemble'][m])}**" for m in FOLD_METRICS)
+        + " |"
+    )
+    gain = result["ensemble_minus_mean"]
+    lines += [
+        "",
+        "Ensemble minus the mean of the single models: "
+        + ", ".join(
+            f"{_NAMES[m]} {'n/a' if gain[m] is None else f'{gain[m]:+.3f}'}" for m in FOLD_METRICS
+        )
+        + ".",
+        "",
+        "## Reading this",
+        "",
+        "- The ensemble's probabilities are the mean of the fold models' probabilities (on these "
+        "images the saved model reproduces that mean to "
+        f"{result['max_abs_difference_from_mean']:.1e}).",
+        "- Each fold model trained on (K-1)/K of the pooled data; together they have seen all of "
+        "it, so the ensemble has no held-out validation split: a temperature that `evaluate` fits "
+        "on the recipe's validation split is reported as fitted on training data and not stored "
+        "when that split is part of the folds.",
+        "- `ensemble/` is an ordinary run directory: the full report (calibration, per level, "
+        f"patients) is `{result['evaluate_ensemble']}`; `predict` and `export` take "
+        f"`--model_dir={result['ensemble_dir']}`.",
+        "- It has no trust statistics (each fold model has its own feature space): the logit "
+        "scores (max probability, margin, energy: the mean of the fold models') only, no "
+        "referral or back-off.",
+    ]
+    if "leukemia_synthetic" in result["datasets"]:
         lines.append("- Synthetic data: these numbers say nothing about real cells.")
     return "\n".join(lines) + "\n"

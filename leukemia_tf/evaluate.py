@@ -179,7 +179,11 @@ def _trust_lines(result: dict) -> list[str]:
             )
         )
     if not selective["trust_fitted"]:
-        lines.append(f"  no trust statistics: fit them with {selective['fit_command']}")
+        lines.append(
+            f"  no trust statistics: fit them with {selective['fit_command']}"
+            if selective["fit_command"]
+            else "  no trust statistics (a fold ensemble: the logit scores only)"
+        )
     ood = result.get("ood")
     if ood:
         lines.append(

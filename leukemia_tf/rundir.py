@@ -13,6 +13,11 @@ A training run's ``model_dir`` holds
 * after ``leukemia_tf.evaluate``: ``calibration.json`` (``{"temperature": T}``)
   and ``eval_<split>/``.
 
+A fold ensemble (``leukemia_tf.crossval --ensemble``) is a run directory of
+the same layout without training files: ``config.json``, ``labels.txt``,
+``best.keras`` (the averaged fold models, :mod:`leukemia_tf.models.ensemble`)
+and ``ensemble.json`` (which folds, how averaged).
+
 Training, evaluation, serving, prediction and tuning read and write it through
 this module only. The directory may be local or remote (``gs://``; TF's
 ``ram://`` in the tests): every file goes through ``tf.io.gfile`` and paths are
@@ -43,6 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from leukemia_tf.models import ensemble as ensemble_lib
 from leukemia_tf.models import trust as trust_lib
 from leukemia_tf.models.label_space import LabelSpace
 from leukemia_tf.taxonomy import Taxonomy
@@ -60,6 +66,8 @@ SUMMARY = FINISHED_MARKER
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
 CALIBRATION_FILE = "calibration.json"
+#: The record of a fold ensemble (``leukemia_tf.crossval --ensemble``).
+ENSEMBLE_FILE = "ensemble.json"
 LOCK_FILE = ".lock"
 #: Scratch space of the non-chief workers of a multi-worker run (deleted).
 WORKERS_DIR = ".workers"
@@ -500,7 +508,10 @@ def load_trained_model(
     taxonomy = model_factory.taxonomy_for(config)
     loaded = load_keras(path)
     model = loaded
-    if float32:
+    ensemble = ensemble_lib.is_ensemble(loaded)
+    # An ensemble is built and saved under the float32 policy (from its fold
+    # models' float32 rebuilds): nothing to rebuild.
+    if float32 and not ensemble:
         with model_factory.float32_policy():
             model = model_factory.build_model(
                 config,
@@ -519,6 +530,7 @@ def load_trained_model(
         temperature=read_temperature(model_dir),
         tta=tta,
         trust=trust_lib.load(model_dir, path) if trust else None,
+        ensemble=(read_json(join(model_dir, ENSEMBLE_FILE)) or {}) if ensemble else None,
     )
 
 
@@ -540,6 +552,9 @@ class TrainedModel:
     #: The trust statistics fitted for this model file (:mod:`leukemia_tf.models.trust`);
     #: ``None`` when never fitted.
     trust: trust_lib.TrustStatistics | None = None
+    #: A fold ensemble's record (``ensemble.json``: folds, averaging); ``None``
+    #: for a single model. An ensemble has no trust statistics.
+    ensemble: dict | None = None
     _with_features: keras.Model | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property

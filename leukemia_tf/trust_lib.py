@@ -162,7 +162,8 @@ def fit(
       The statistics (also written to ``trust.json`` and ``trust_features.npz``).
 
     Raises:
-      ValueError: a bad option (naming the flag), or a split the data lack.
+      ValueError: a bad option (naming the flag), a split the data lack, or a fold
+        ensemble (it has no single feature space).
       FileNotFoundError: no such run or model file.
     """
     check_options(
@@ -173,6 +174,8 @@ def fit(
     model_dir = rundir.check_model_dir(model_dir)
     # Not the stored statistics: they may be stale (a resumed run), and are being replaced.
     trained = rundir.load_trained_model(model_dir, which=which, float32=True, trust=False)
+    if trained.ensemble is not None:
+        raise ValueError(f"{model_dir}: {trust.ENSEMBLE_HAS_NO_FEATURES}")
     config = trained.config
     data_dir = data_dir or config.data_dir or None
     specs = names.parse_datasets(config.datasets)

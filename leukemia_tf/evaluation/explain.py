@@ -39,6 +39,7 @@ import tensorflow as tf
 from leukemia_tf.data import marks as marks_lib
 from leukemia_tf.models import canonical
 from leukemia_tf.models import classifier as classifier_lib
+from leukemia_tf.models import ensemble as ensemble_lib
 from leukemia_tf.models.label_space import LabelSpace
 
 
@@ -272,8 +273,14 @@ def make_explainer(model: keras.Model, label_space: LabelSpace) -> GradCam | Att
     """The explanation method that fits ``model``'s backbone.
 
     Raises:
-      ExplanationUnavailable: neither a ViT nor a CNN with global pooling.
+      ExplanationUnavailable: neither a ViT nor a CNN with global pooling, or a
+        fold ensemble.
     """
+    if ensemble_lib.is_ensemble(model):
+        raise ExplanationUnavailable(
+            "a fold ensemble averages several backbones; explain a fold model instead "
+            "(evaluate its run directory)"
+        )
     backbone = classifier_lib.get_backbone(model)
     if _find_vit(backbone) is not None:
         return AttentionRollout(model)

@@ -380,6 +380,20 @@ def trust_not_fitted(command: str) -> str:
     )
 
 
+#: Why a fold ensemble (``crossval --ensemble``) has no trust statistics.
+ENSEMBLE_WITHOUT_TRUST = (
+    "A fold ensemble has no trust statistics (each fold model has its own feature space): only "
+    "the logit scores (max_probability, margin, energy; the energy is the mean of the fold "
+    "models') are reported, without the feature scores (Mahalanobis, k-NN), a referral "
+    "threshold or a fitted back-off."
+)
+
+
+def no_trust(command: str | None) -> str:
+    """:func:`trust_not_fitted` of ``command``, or :data:`ENSEMBLE_WITHOUT_TRUST` when None."""
+    return ENSEMBLE_WITHOUT_TRUST if command is None else trust_not_fitted(command)
+
+
 def referral_not_fitted(command: str) -> str:
     return (
         "the trust statistics were fitted without a calibration (validation) split, so no "
@@ -531,6 +545,12 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def ensemble_description(record: dict) -> str:
+    """One line on a fold ensemble (its ``ensemble.json``) for the reports."""
+    folds = ", ".join(f"fold_{i}" for i in record.get("folds", []))
+    return f"{len(record.get('folds', []))} fold models ({folds}); {record.get('averaging')}"
+
+
 def render(result: dict) -> str:
     """The report's Markdown text from an evaluation result (``metrics.json``)."""
     model, data, cell = result["model"], result["data"], result["cell"]
@@ -556,6 +576,11 @@ def render(result: dict) -> str:
         ["Checkpoint", model["checkpoint"]],
         ["Test-time augmentation", model.get("test_time_augmentation", "none")],
         ["Backbone / head", f"{model['backbone']} / {model['head']}"],
+        *(
+            [["Fold ensemble", ensemble_description(model["ensemble"])]]
+            if model.get("ensemble")
+            else []
+        ),
         ["Input size", f"{model['image_size']} px"],
         ["Classes", ", ".join(names)],
         ["Labels", model["label_mode"] + (f" ({model['taxonomy']})" if model["taxonomy"] else "")],
@@ -906,7 +931,7 @@ def _trust_section(result: dict, names: Sequence[str], figures: dict) -> list[st
         "",
     ]
     if not selective["trust_fitted"]:
-        lines += [f"> {trust_not_fitted(selective['fit_command'])}", ""]
+        lines += [f"> {no_trust(selective['fit_command'])}", ""]
     rows = []
     for name, row in selective["scores"].items():
         if "error" in row:

@@ -401,6 +401,8 @@ def model_section(options: EvalOptions, trained: rundir.TrainedModel) -> dict:
         "image_size": config.image_size,
         "class_names": trained.class_names,
         "taxonomy": trained.taxonomy.source if trained.taxonomy is not None else None,
+        # A fold ensemble's record (ensemble.json), None for one model.
+        "ensemble": trained.ensemble,
     }
 
 

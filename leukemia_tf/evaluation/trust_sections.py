@@ -131,7 +131,10 @@ def selective_section(ev: EvaluatedSplit, scores: dict) -> dict:
         "n": int(len(correct)),
         "accuracy": float(correct.mean()),
         "trust_fitted": trained.trust is not None,
-        "fit_command": None if trained.trust is not None else trust.fit_command(trained.model_dir),
+        # None for an ensemble, which has no trust statistics to fit.
+        "fit_command": None
+        if trained.trust is not None or trained.ensemble is not None
+        else trust.fit_command(trained.model_dir),
         "scores": per_score,
         "best_score": min(ranked, key=lambda k: ranked[k]["aurc"]) if ranked else None,
         "referral": referral,
@@ -147,7 +150,7 @@ def _referral(
     if stats is None:
         return {
             "available": False,
-            "reason": report_lib.trust_not_fitted(trust.fit_command(trained.model_dir)),
+            "reason": no_trust_note(trained),
         }, None
     selection = stats.selection
     if selection is None or trust.REFERRED not in scores:
@@ -265,7 +268,7 @@ def _backoff(trained: rundir.TrainedModel, tree, true_nodes: list[str], scores: 
     stats = trained.trust
     if stats is None or stats.backoff is None or trust.PREDICTED_NODE not in scores:
         out["reason"] = (
-            report_lib.trust_not_fitted(trust.fit_command(trained.model_dir))
+            no_trust_note(trained)
             if stats is None
             else report_lib.referral_not_fitted(trust.fit_command(trained.model_dir))
         )
@@ -500,15 +503,22 @@ def ood_section(ev: EvaluatedSplit, id_scores: dict, ood: OodImages) -> tuple[di
         "warnings": warnings,
     }
     if stats is None:
-        section["note"] = report_lib.trust_not_fitted(trust.fit_command(trained.model_dir))
+        section["note"] = no_trust_note(trained)
     return section, caveats
 
 
 # ----------------------------------------------------------------- caveats
+def no_trust_note(trained: rundir.TrainedModel) -> str:
+    """Why a model has no trust statistics: never fitted (naming the command), or an ensemble."""
+    return report_lib.no_trust(
+        None if trained.ensemble is not None else trust.fit_command(trained.model_dir)
+    )
+
+
 def caveats(trained: rundir.TrainedModel, tta: bool, adapted: bool) -> list[str]:
     """The caveats of the trust sections (an unfitted run names the fit command)."""
     if trained.trust is None:
-        return [report_lib.trust_not_fitted(trust.fit_command(trained.model_dir))]
+        return [no_trust_note(trained)]
     out = []
     if tta or adapted:
         out.append(report_lib.trust_fitted_single_view(tta, adapted))

@@ -96,6 +96,14 @@ TRUST_FILE = "trust.json"
 FEATURES_FILE = "trust_features.npz"
 
 
+#: Why a fold ensemble has no trust statistics.
+ENSEMBLE_HAS_NO_FEATURES = (
+    "a fold ensemble has no single feature space (each fold model has its own), so no trust "
+    "statistics are fitted for it (no mahalanobis, knn_distance, referral or back-off); its "
+    "logit scores (max_probability, margin, energy) are computed as for any model"
+)
+
+
 class TrustNotFittedError(FileNotFoundError):
     """The run has no trust statistics (trained before they existed, or never fitted)."""
 
@@ -117,7 +125,15 @@ def with_features(model: keras.Model) -> keras.Model:
 
     The new model shares every layer (and weight) with ``model``: the head's
     input tensor in the classifier's graph is added to the output dict.
+
+    Raises:
+      ValueError: ``model`` is a fold ensemble (:mod:`leukemia_tf.models.ensemble`),
+        whose fold models each have their own features.
     """
+    from leukemia_tf.models import ensemble
+
+    if ensemble.is_ensemble(model):
+        raise ValueError(ENSEMBLE_HAS_NO_FEATURES)
     head = model.get_layer("head")
     outputs = dict(model.output) if isinstance(model.output, dict) else {"logits": model.output}
     return keras.Model(model.input, {**outputs, FEATURES: head.input}, name=f"{model.name}_trust")

@@ -349,7 +349,9 @@ def export_model(
         real = []
 
     output_keys = signatures.output_keys(trained.label_space, trained.trust)
-    if trained.trust is None:
+    if trained.ensemble is not None:
+        logging.warning("%s: %s", model_dir, trust_lib.ENSEMBLE_HAS_NO_FEATURES)
+    elif trained.trust is None:
         logging.warning(
             "%s has no trust statistics for %s: the export returns the logit scores only (no "
             "mahalanobis, knn_distance, referred, predicted_node); fit them first with %s",
@@ -370,6 +372,8 @@ def export_model(
         "trained_precision": trained.config.precision,
         "backbone": trained.config.backbone,
         "head": trained.config.head,
+        # A fold ensemble's record (its ensemble.json: folds, averaging), else None.
+        "ensemble": trained.ensemble,
         "image_size": trained.image_size,
         "class_names": trained.class_names,
         "taxonomy_levels": [list(level) for level in trained.taxonomy.levels]

@@ -217,7 +217,9 @@ def checked_metadata(meta: Mapping | None, path: str, *, kind: str, model_format
 
 def warn_without_trust(trained: rundir.TrainedModel, model_dir: str, kind: str) -> None:
     """Logs that ``kind`` has the logit scores only when the run has no trust statistics."""
-    if trained.trust is None:
+    if trained.ensemble is not None:
+        logging.warning("%s: %s", model_dir, trust_lib.ENSEMBLE_HAS_NO_FEATURES)
+    elif trained.trust is None:
         logging.warning(
             "%s has no trust statistics: the %s returns the logit scores only; fit them "
             "first with %s",

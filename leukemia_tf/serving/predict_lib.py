@@ -588,7 +588,10 @@ def _run_model(
 
     stats = trained.trust
     trust_note = None
-    if stats is None:
+    if trained.ensemble is not None:
+        trust_note = trust_lib.ENSEMBLE_HAS_NO_FEATURES
+        logging.warning("%s", trust_note)
+    elif stats is None:
         trust_note = (
             f"no trust statistics for this model: no mahalanobis/knn_distance scores, no "
             f"referral, no predicted_node; fit them with {trust_lib.fit_command(model_dir)}"
