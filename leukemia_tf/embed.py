@@ -57,6 +57,9 @@ _ERASE_MARKS = flags.DEFINE_bool(
 _WHITE_BALANCE = flags.DEFINE_bool(
     "white_balance", False, "Neutral white before the backbone, as in leukemia_tf.train."
 )
+_STAIN_NORM = flags.DEFINE_bool(
+    "stain_norm", False, "Stain scaled to a reference strength, as in leukemia_tf.train."
+)
 _CELL_CROP = flags.DEFINE_bool(
     "cell_crop", False, "Crop each image around its nucleus, as in leukemia_tf.train."
 )
@@ -83,6 +86,7 @@ def main(argv: Sequence[str]) -> None:
         max_examples_per_split=_MAX_EXAMPLES.value,
         erase_marks=_ERASE_MARKS.value,
         white_balance=_WHITE_BALANCE.value,
+        stain_norm=_STAIN_NORM.value,
         cell_crop=_CELL_CROP.value,
         seed=_SEED.value,
         overwrite=_OVERWRITE.value,

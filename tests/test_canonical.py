@@ -117,10 +117,11 @@ def test_classifier_input_layers_order_and_reload(tmp_path):
         image_size=48,
         erase_marks=True,
         white_balance=True,
+        stain_norm=True,
         cell_crop=True,
     )
     names = [layer.name for layer in classifier.input_layers(model)]
-    assert names == ["erase_marks", "white_balance", "cell_crop"]
+    assert names == ["erase_marks", "white_balance", "stain_norm", "cell_crop"]
     plain = classifier.build_classifier(
         backbone="cnn_tiny", head="flat", num_classes=3, image_size=48
     )
@@ -172,3 +173,45 @@ def test_uncrop_puts_the_map_back_on_the_image_frame():
     ramp = np.tile(np.arange(10, dtype=np.float32), (10, 1))[None]
     back = canonical.uncrop(ramp, np.array([[-0.5, -0.5, 2.0]]))[0]
     assert back[0, 0] == pytest.approx(2.5, abs=0.3) and back[0, -1] == pytest.approx(6.5, abs=0.3)
+
+
+def paler(image: np.ndarray, factor: float) -> np.ndarray:
+    """The same smear with every dye's optical density (against its glass) times ``factor``."""
+    od = -np.log((image + 1.0) / (GLASS + 1.0))
+    return np.clip((GLASS + 1.0) * np.exp(-factor * np.maximum(od, 0.0)) - 1.0, 0, 255)
+
+
+def test_stain_norm_makes_a_paler_stain_as_dark_as_the_reference():
+    image = smear(48, 48, 12)
+    pale = paler(image, 0.4).astype(np.float32)
+    peaks = canonical.stain_peak(np.stack([image, pale])).numpy()
+    assert peaks[1] == pytest.approx(0.4 * peaks[0], rel=0.1)
+    out = canonical.stain_normalize(np.stack([image, pale])).numpy()
+    # both reach the reference strength, and then look alike
+    np.testing.assert_allclose(
+        canonical.stain_peak(out).numpy(), canonical.REFERENCE_PEAK, rtol=0.05
+    )
+    cell = (slice(40, 56), slice(40, 56))  # inside the nucleus
+    before = np.abs(image[cell] - pale[cell]).mean()
+    after = np.abs(out[0][cell] - out[1][cell]).mean()
+    assert before > 40.0 and after < 0.1 * before
+    # the glass keeps its colour; hues are kept (the nucleus stays bluer than it is red)
+    np.testing.assert_allclose(out[1, :6, :6].reshape(-1, 3).mean(0), GLASS, atol=4.0)
+    assert out[1, 48, 48, 2] > out[1, 48, 48, 0]
+
+
+def test_stain_norm_at_the_reference_strength_changes_nothing():
+    image = smear(48, 48, 12)
+    peak = float(canonical.stain_peak(image[None]).numpy()[0])
+    at_reference = canonical.stain_normalize(image[None], reference=peak).numpy()[0]
+    np.testing.assert_allclose(at_reference, image, atol=1.0)
+
+
+def test_black_ink_is_not_a_nucleus():
+    """A black scale bar absorbs red and blue alike: the box stays on the nucleus."""
+    image = smear(30, 60, 8, red_cells=0)
+    image[80:88, 6:50] = 10.0  # a black bar in the bottom-left corner
+    top, left, side = canonical.boxes_numpy(image[None])[0]
+    assert top + side / 2 == pytest.approx(30 / SIZE, abs=0.03)
+    assert left + side / 2 == pytest.approx(60 / SIZE, abs=0.03)
+    assert side == pytest.approx(4 * 8 / SIZE, rel=0.15)

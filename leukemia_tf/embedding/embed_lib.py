@@ -55,6 +55,7 @@ class EmbedConfig:
     max_examples_per_split: int = 0
     erase_marks: bool = False
     white_balance: bool = False
+    stain_norm: bool = False
     cell_crop: bool = False
     seed: int = 0
     overwrite: bool = False
@@ -267,6 +268,7 @@ def embed(config: EmbedConfig, log=print) -> dict:
             dropout=0.0,
             erase_marks=config.erase_marks,
             white_balance=config.white_balance,
+            stain_norm=config.stain_norm,
             cell_crop=config.cell_crop,
         )
     extractor = keras.Model(model.input, model.get_layer("head").input, name="features")
@@ -322,6 +324,7 @@ def embed(config: EmbedConfig, log=print) -> dict:
                 "feature_dim": feature_dim,
                 "erase_marks": config.erase_marks,
                 "white_balance": config.white_balance,
+                "stain_norm": config.stain_norm,
                 "cell_crop": config.cell_crop,
                 "seed": config.seed,
                 "precision": "float32",

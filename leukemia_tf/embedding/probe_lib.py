@@ -67,6 +67,7 @@ STORE_FIELDS = (
     "taxonomy",
     "erase_marks",
     "white_balance",
+    "stain_norm",
     "cell_crop",
     "data_dir",
 )
@@ -104,6 +105,7 @@ def store_values(store: FeatureStore) -> dict:
         "erase_marks": bool(backbone["erase_marks"]),
         # stores written before these layers existed had neither
         "white_balance": bool(backbone.get("white_balance", False)),
+        "stain_norm": bool(backbone.get("stain_norm", False)),
         "cell_crop": bool(backbone.get("cell_crop", False)),
         "data_dir": store.meta.get("data_dir", ""),
     }

@@ -19,7 +19,7 @@ other, each in its TFDS order.
 
 ``embedding.json`` fingerprints the backbone (registry name, the weights
 spec, the sha256 of its weights as embedded, image size, feature dimension,
-the input layers (``erase_marks``, ``white_balance``, ``cell_crop``), the Keras / TensorFlow / keras-hub versions), and records the
+the input layers (``erase_marks``, ``white_balance``, ``stain_norm``, ``cell_crop``), the Keras / TensorFlow / keras-hub versions), and records the
 data sets, label mode, taxonomy, class names, per split the count, class
 counts and shard files, and the time taken. A store without it is
 incomplete and refused.

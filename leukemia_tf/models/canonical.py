@@ -59,24 +59,36 @@ def _percentile(values, q: float):
     return tf.sort(values, axis=-1)[:, index]
 
 
+def _white(images, white_percentile: float):
+    """Each channel's ``white_percentile`` percentile (the glass): ``[B, 3]``, >= 1."""
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    flat = tf.reshape(images, [batch, height * width, 3])
+    white = tf.stack([_percentile(flat[..., c], white_percentile) for c in range(3)], axis=-1)
+    return tf.maximum(white, 1.0)
+
+
+def optical_density(images, white):
+    """``-log(I / I0)`` per channel against ``white`` ``[B, 3]``: ``[B, H, W, 3]``, >= 0."""
+    ratio = (tf.cast(images, tf.float32) + 1.0) / (white[:, None, None, :] + 1.0)
+    return -tf.math.log(tf.clip_by_value(ratio, 1e-3, 1.0))
+
+
 def nuclear_amount(images, white_percentile: float = 98.0):
     """How much nuclear dye each pixel holds: float32 ``[B, H, W]``, >= 0.
 
-    The red channel's optical density against each image's own white (the
-    ``white_percentile`` percentile of the red channel): the basic dyes of a
-    Romanowsky stain (azure B, methylene blue) that colour nuclei absorb red
-    light, while the glass and the eosin-stained red cells pass most of it.
-    Measured on PBC and BCCD crops, its pixels above half the image's peak
-    are the nucleus (2-7 % of a PBC field, 13-30 % of a tight BCCD crop)
-    where the total OD also takes in the red cells of the paler stain.
+    The red channel's optical density minus the blue channel's, against each
+    image's own white (the ``white_percentile`` percentile of each channel):
+    the basic dyes of a Romanowsky stain (azure B, methylene blue) that colour
+    nuclei absorb red light much more than blue, while the glass and the
+    eosin-stained red cells pass most of the red, and neutral dark ink (a
+    black scale bar or label) absorbs both alike. Measured on PBC and BCCD
+    crops, its pixels above half the image's peak are the nucleus (2-7 % of a
+    PBC field, 10-30 % of a tight BCCD crop) where the total OD also takes in
+    the red cells of the paler stain.
     """
     images = tf.cast(images, tf.float32)
-    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-    red = images[..., 0]
-    white = _percentile(tf.reshape(red, [batch, height * width]), white_percentile)
-    white = tf.maximum(white, 1.0)
-    ratio = (red + 1.0) / (white[:, None, None] + 1.0)
-    return -tf.math.log(tf.clip_by_value(ratio, 1e-3, 1.0))
+    od = optical_density(images, _white(images, white_percentile))
+    return tf.maximum(od[..., 0] - od[..., 2], 0.0)
 
 
 def cell_boxes(
@@ -148,10 +160,8 @@ def frame(images, top, left, side, white_percentile: float = 98.0):
     """
     images = tf.cast(images, tf.float32)
     height, width = int(images.shape[1]), int(images.shape[2])
-    batch = tf.shape(images)[0]
     resampled = crop_and_resize(images, top, left, side, side)
-    flat = tf.reshape(images, [batch, height * width, 3])
-    glass = tf.stack([_percentile(flat[..., c], white_percentile) for c in range(3)], axis=-1)
+    glass = _white(images, white_percentile)
     inside = (
         _inside(top, side, height)[:, :, None, None] * _inside(left, side, width)[:, None, :, None]
     )
@@ -233,11 +243,74 @@ def white_balance(images, white_percentile: float = 98.0):
     white, and the colours of the cells are read against it.
     """
     images = tf.cast(images, tf.float32)
-    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-    flat = tf.reshape(images, [batch, height * width, 3])
-    white = tf.stack([_percentile(flat[..., c], white_percentile) for c in range(3)], axis=-1)
-    gain = 255.0 / tf.maximum(white, 1.0)
+    gain = 255.0 / _white(images, white_percentile)
     return tf.clip_by_value(images * gain[:, None, None, :], 0.0, 255.0)
+
+
+#: Name of the :class:`StainNormalize` layer of a classifier built with ``stain_norm``.
+STAIN_NORM_NAME = "stain_norm"
+
+#: The nuclear peak (:func:`stain_peak`) every image is scaled to: the median
+#: over 200 PBC images (25 per class, May-Grunwald-Giemsa, 112 px) was 0.87,
+#: so those stay nearly as they are.
+REFERENCE_PEAK = 0.87
+
+
+def stain_peak(images, white_percentile: float = 98.0, peak_percentile: float = 99.5):
+    """How strongly each image is stained: the ``peak_percentile`` of its nuclear amount, ``[B]``."""
+    amount = nuclear_amount(images, white_percentile)
+    batch, height, width = tf.shape(amount)[0], amount.shape[1], amount.shape[2]
+    return _percentile(tf.reshape(amount, [batch, height * width]), peak_percentile)
+
+
+def stain_normalize(
+    images,
+    reference: float = REFERENCE_PEAK,
+    max_gain: float = 4.0,
+    white_percentile: float = 98.0,
+):
+    """Scales each image's stain to the same strength; its white and hues are kept.
+
+    The optical density against the image's own white is multiplied by
+    ``reference / stain_peak`` (clipped to ``[1 / max_gain, max_gain]``) and
+    turned back into intensities against that white: a paler or shorter
+    stain (another laboratory's dye batch, staining time or thinner smear)
+    reaches the model as dark as the reference, every dye by the same factor,
+    and the glass stays as it was.
+    """
+    images = tf.cast(images, tf.float32)
+    white = _white(images, white_percentile)
+    od = optical_density(images, white)
+    amount = tf.maximum(od[..., 0] - od[..., 2], 0.0)  # nuclear_amount, this white
+    batch, height, width = tf.shape(amount)[0], amount.shape[1], amount.shape[2]
+    peak = _percentile(tf.reshape(amount, [batch, height * width]), 99.5)
+    gain = tf.clip_by_value(reference / tf.maximum(peak, 1e-3), 1.0 / max_gain, max_gain)
+    out = (white[:, None, None, :] + 1.0) * tf.exp(-od * gain[:, None, None, None]) - 1.0
+    # Pixels brighter than the white (clipped to OD 0 above) keep their value.
+    out = tf.where(images > white[:, None, None, :], images, out)
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+
+@keras.saving.register_keras_serializable(package="leukemia_tf")
+class StainNormalize(keras.layers.Layer):
+    """:func:`stain_normalize` as a layer (``--stain_norm``): float32 ``[B, S, S, 3]``."""
+
+    def __init__(self, reference: float = REFERENCE_PEAK, max_gain: float = 4.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.reference = float(reference)
+        self.max_gain = float(max_gain)
+
+    def call(self, images):
+        return stain_normalize(images, self.reference, self.max_gain)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(reference=self.reference, max_gain=self.max_gain)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="leukemia_tf")

@@ -9,9 +9,9 @@ exceptions are the input layers (:func:`input_layers`), deterministic and
 the same in every use of the model (training, evaluation, prediction, the
 SavedModel): ``erase_marks``
 (:class:`~leukemia_tf.models.mark_augment.EraseMarks`: burned-in marks
-erased), ``white_balance`` and ``cell_crop``
-(:mod:`leukemia_tf.models.canonical`: each image's white made neutral, each
-image cropped to its cell).
+erased), ``white_balance``, ``stain_norm`` and ``cell_crop``
+(:mod:`leukemia_tf.models.canonical`: each image's white made neutral, its
+stain scaled to a reference strength, the image framed around its cell).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def build_classifier(
     drop_path_rate: float = 0.0,
     erase_marks: bool = False,
     white_balance: bool = False,
+    stain_norm: bool = False,
     cell_crop: bool = False,
     knn_k: int = 0,
     knn_bank_size: int = 0,
@@ -71,6 +72,8 @@ def build_classifier(
         text filled with the background) before the backbone.
       white_balance: then a :class:`~leukemia_tf.models.canonical.WhiteBalance`
         layer (each image's own white becomes 255).
+      stain_norm: then a :class:`~leukemia_tf.models.canonical.StainNormalize`
+        layer (each image's stain scaled to a reference strength).
       cell_crop: then a :class:`~leukemia_tf.models.canonical.CellCrop` layer
         (each image cropped to a square around its nucleus), the last before
         the backbone.
@@ -122,6 +125,8 @@ def build_classifier(
     x = EraseMarks(name=ERASE_MARKS_NAME)(pixels) if erase_marks else pixels
     if white_balance:
         x = canonical.WhiteBalance(name=canonical.WHITE_BALANCE_NAME)(x)
+    if stain_norm:
+        x = canonical.StainNormalize(name=canonical.STAIN_NORM_NAME)(x)
     if cell_crop:
         x = canonical.CellCrop(name=canonical.CELL_CROP_NAME)(x)
     features = features_model(x)
@@ -145,11 +150,12 @@ def get_backbone(model: keras.Model) -> keras.Model:
 def input_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The layers between the classifier's input and its backbone, in order.
 
-    :class:`EraseMarks`, :class:`~leukemia_tf.models.canonical.WhiteBalance`
-    and :class:`~leukemia_tf.models.canonical.CellCrop`, those the model has:
+    :class:`EraseMarks`, :class:`~leukemia_tf.models.canonical.WhiteBalance`,
+    :class:`~leukemia_tf.models.canonical.StainNormalize` and
+    :class:`~leukemia_tf.models.canonical.CellCrop`, those the model has:
     applied to an image, they give the pixels the backbone sees.
     """
-    kinds = (EraseMarks, canonical.WhiteBalance, canonical.CellCrop)
+    kinds = (EraseMarks, canonical.WhiteBalance, canonical.StainNormalize, canonical.CellCrop)
     return [layer for layer in model.layers if isinstance(layer, kinds)]
 
 

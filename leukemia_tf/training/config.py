@@ -102,6 +102,12 @@ class TrainConfig:
         "Scale each image's channels so that its own white (the glass, 98th percentile) is 255, "
         "inside the model (after --erase_marks): the lamp and camera of a laboratory cancel out.",
     )
+    stain_norm: bool = _field(
+        False,
+        "Scale each image's stain (optical density against its own white) so that its nuclei "
+        "are as dark as a reference, inside the model (after --white_balance): a paler or "
+        "darker stain of another laboratory reaches the backbone at the same strength.",
+    )
     cell_crop: bool = _field(
         False,
         "Crop each image to a square around its stained nucleus inside the model (the last "
@@ -186,7 +192,7 @@ class TrainConfig:
         "",
         "A feature store written by leukemia_tf.embed: fit only the head on its stored "
         "features (seconds), then join it to the stored backbone. Backbone, weights, image "
-        "size, data sets, label mode, taxonomy, erase_marks, white_balance, cell_crop and "
+        "size, data sets, label mode, taxonomy, erase_marks, white_balance, stain_norm, cell_crop and "
         "data_dir default to the store's; a different value is refused. Empty: ordinary "
         "training on images.",
     )

@@ -82,6 +82,7 @@ def build_model(
         drop_path_rate=config.drop_path_rate,
         erase_marks=config.erase_marks,
         white_balance=config.white_balance,
+        stain_norm=config.stain_norm,
         cell_crop=config.cell_crop,
         knn_k=config.knn_k if knn else 0,
         knn_bank_size=knn_bank_size if knn else 0,
