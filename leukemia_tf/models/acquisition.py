@@ -81,9 +81,10 @@ def shift_factors(magnitude: float) -> dict[str, float]:
       ``zoom_in`` / ``zoom_out``: zoom factors log-uniform in [1 / (1 + o), 1 + i];
       ``zoom_shift``: the zoom centre moves by up to this fraction of the side.
       At magnitude 0.5: dye amounts x[0.82, 1.22], exposure x[0.86, 1.16],
-      white balance x[0.89, 1.13], gamma [0.82, 1.22], blur sigma up to 0.75 %
-      of the side (1.2 px at 160 px), noise up to 5 grey levels, JPEG quality
-      65-100, zoom x[0.89, 1.75].
+      white balance x[0.89, 1.13], gamma [0.82, 1.22], blur sigma up to 2 % of
+      the side (3.2 px at 160 px: an objective or camera with 2-3 times less
+      detail, or a crop up-sampled from a smaller field), noise up to 5 grey
+      levels, JPEG quality 65-100, zoom x[0.89, 1.75].
     """
     m = float(magnitude)
     if not 0.0 <= m <= 1.0:
@@ -96,7 +97,7 @@ def shift_factors(magnitude: float) -> dict[str, float]:
         "white_balance": 0.25 * m,
         "vignette": 0.2 * m,
         "gamma": 0.4 * m,
-        "blur": 0.015 * m,
+        "blur": 0.04 * m,
         "noise": 0.04 * m,
         "jpeg_quality": 100.0 - 70.0 * m,
         "zoom_in": 1.5 * m,
