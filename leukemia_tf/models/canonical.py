@@ -170,7 +170,7 @@ def frame(images, top, left, side, white_percentile: float = 98.0):
 
 @keras.saving.register_keras_serializable(package="leukemia_tf")
 class CellCrop(keras.layers.Layer):
-    """Crops each image to a square around its white cell (see the module docstring).
+    """Frames each image as a square around its white cell (see the module docstring).
 
     Input and output: float32 ``[B, S, S, 3]`` in [0, 255]; the arguments are
     those of :func:`cell_boxes`. Deterministic, no weights, the same in
