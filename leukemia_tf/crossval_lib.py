@@ -38,7 +38,10 @@ it) with percentile-bootstrap intervals resampling the folds' groups
 (patients, else slides, else examples: ``metrics.bootstrap_ci`` with
 ``clusters``); and slide and patient level (mean probability and majority
 vote, :func:`leukemia_tf.evaluation.aggregate.aggregate`) where the data
-carry those ids. Pooled scores of models trained on different folds are
+carry those ids; for a model over taxonomy nodes, every level's scores
+(:func:`leukemia_tf.evaluation.levels.evaluate_levels`: the top-down greedy
+walk and the per-level argmax, on the pooled predictions; the walk's
+accuracy per level and fold, with mean and sd). Pooled scores of models trained on different folds are
 somewhat optimistic or pessimistic in ways a single held-out split is not
 (the models differ); the per-fold spread is the honest measure of
 variability, and the report says so.
@@ -61,7 +64,11 @@ from leukemia_tf.data import folds as folds_lib
 from leukemia_tf.data import names, pipeline
 from leukemia_tf.data.folds import FoldError
 from leukemia_tf.evaluation import aggregate as aggregate_lib
+from leukemia_tf.evaluation import levels as levels_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
+from leukemia_tf.models.heads import level_key
+from leukemia_tf.taxonomy import Taxonomy
+from leukemia_tf.training import model_factory
 from leukemia_tf.training.config import TrainConfig
 
 #: Files of the combined report in the cross-validation directory.
@@ -326,18 +333,45 @@ def _read_npz(path: str) -> dict:
             return {k: loaded[k] for k in loaded.files}
 
 
+def _level_arrays(trained, predicted, probs: np.ndarray) -> dict:
+    """``levels`` ``[N, L]`` and ``level_probs_<k>`` ``[N, n_k]`` of a taxonomy model, else {}.
+
+    The node marginals are those of ``evaluate``'s per-level section:
+    ``LabelSpace.level_probabilities`` for a hierarchical head, the summed
+    class probabilities under each node for a flat head over taxonomy nodes.
+    """
+    taxonomy = trained.taxonomy
+    if taxonomy is None or predicted.levels is None:
+        return {}
+    if trained.config.head == "hierarchical":
+        marginals = trained.label_space.level_probabilities(predicted.outputs)
+        level_probs = [marginals[level_key(k)].numpy() for k in range(taxonomy.num_levels)]
+    else:
+        level_probs = levels_lib.flat_level_probabilities(probs, trained.class_names, taxonomy)
+    out = {"levels": np.asarray(predicted.levels, np.int64)}
+    for k, p in enumerate(level_probs):
+        out[f"level_probs_{k}"] = np.asarray(p, np.float32)
+    return out
+
+
 def fold_predictions(fold_run: str, batch_size: int = 64) -> dict:
     """The fold model's probabilities on its validation part (computed, or reused).
 
     ``fold_run/oof_predictions.npz`` is reused while it is newer than
-    ``best.keras``. Returns ``{"key", "label", "probs", "patient_id", "slide_id"}``.
+    ``best.keras`` (and, for a taxonomy model, holds the per-level arrays).
+    Returns ``{"key", "label", "probs", "patient_id", "slide_id"}``, plus
+    ``levels`` and ``level_probs_<k>`` for a model over taxonomy nodes
+    (:func:`_level_arrays`).
     """
     path = rundir.join(fold_run, OOF_FILE)
     best = rundir.join(fold_run, rundir.BEST_MODEL)
     if tf.io.gfile.exists(path) and (
         tf.io.gfile.stat(path).mtime_nsec >= tf.io.gfile.stat(best).mtime_nsec
     ):
-        return _read_npz(path)
+        cached = _read_npz(path)
+        needs_levels = model_factory.taxonomy_for(rundir.read_config(fold_run)) is not None
+        if "levels" in cached or not needs_levels:
+            return cached
     from leukemia_tf.evaluation.predictions import predict_split
 
     trained = rundir.load_trained_model(fold_run, trust=False)
@@ -357,6 +391,7 @@ def fold_predictions(fold_run: str, batch_size: int = 64) -> dict:
         "probs": probs.astype(np.float32),
         "patient_id": predicted.patient_id.astype(str),
         "slide_id": predicted.slide_id.astype(str),
+        **_level_arrays(trained, predicted, probs),
     }
     _write_npz(path, out)
     return out
@@ -402,8 +437,48 @@ def _group_level(ids: np.ndarray, probs, labels, num_classes: int) -> dict | Non
     }
 
 
-def _pooled(fold_runs: list[dict], data: dict, bootstrap: int, seed: int) -> dict:
-    """Metrics of the pooled out-of-fold predictions of one repeat."""
+def _level_scores(predicted: dict, taxonomy: Taxonomy, class_names, hierarchical: bool):
+    """:func:`levels.evaluate_levels` of (pooled) fold predictions; None without level arrays."""
+    if taxonomy is None or "levels" not in predicted:
+        return None
+    level_probs = [predicted[f"level_probs_{k}"] for k in range(taxonomy.num_levels)]
+    probs = np.asarray(predicted["probs"], np.float64)
+    section = levels_lib.evaluate_levels(
+        level_probs,
+        predicted["levels"],
+        probs.argmax(axis=1),
+        class_names,
+        taxonomy,
+        check_marginal_sums=hierarchical,
+    )
+    for entry in section["levels"]:  # the confusion matrices and per-node tables stay in evaluate
+        for rule in ("greedy", "marginal_argmax"):
+            if rule in entry:
+                entry[rule] = {m: entry[rule][m] for m in ("n", *FOLD_METRICS)}
+    return section
+
+
+def _level_accuracies(section: dict | None) -> list:
+    """Greedy-walk accuracy per level of a :func:`_level_scores` section (None: skipped)."""
+    if section is None:
+        return []
+    return [e["greedy"]["accuracy"] if "greedy" in e else None for e in section["levels"]]
+
+
+def _concat(fold_runs: list[dict]) -> dict:
+    """The fold predictions of one repeat as one set (level arrays only if every fold has them)."""
+    names = [k for k in fold_runs[0] if all(k in f for f in fold_runs)]
+    return {k: np.concatenate([f[k] for f in fold_runs]) for k in names}
+
+
+def _pooled(
+    fold_runs: list[dict], data: dict, bootstrap: int, seed: int, levels: dict | None = None
+) -> dict:
+    """Metrics of the pooled out-of-fold predictions of one repeat.
+
+    ``levels``: ``{"taxonomy", "hierarchical"}`` of a model over taxonomy
+    nodes (adds the per-level scores), else None.
+    """
     num_classes = len(data["class_names"])
     group_of = dict(zip(data["keys"], data["groups"], strict=True))
     key = np.concatenate([f["key"] for f in fold_runs])
@@ -432,6 +507,8 @@ def _pooled(fold_runs: list[dict], data: dict, bootstrap: int, seed: int) -> dic
     for level, feature in (("slide", "slide_id"), ("patient", "patient_id")):
         ids = np.concatenate([f[feature] for f in fold_runs]).astype(object)
         out[level] = _group_level(ids, probs, labels, num_classes)
+    if levels:
+        out["levels"] = _level_scores(_concat(fold_runs), class_names=data["class_names"], **levels)
     return out
 
 
@@ -458,6 +535,11 @@ def aggregate(cv_dir: str, bootstrap: int = 1000, batch_size: int = 64, seed: in
         )
     check_fold_dirs(cv_dir, data, finished)
     num_classes = len(data["class_names"])
+    config = rundir.read_config(runs[finished[0]])
+    taxonomy = model_factory.taxonomy_for(config)
+    levels = (
+        {"taxonomy": taxonomy, "hierarchical": config.head == "hierarchical"} if taxonomy else None
+    )
     predictions, per_fold = {}, []
     for i in finished:
         predicted = fold_predictions(runs[i], batch_size)
@@ -474,13 +556,21 @@ def aggregate(cv_dir: str, bootstrap: int = 1000, batch_size: int = 64, seed: in
                 **row,
             }
         )
+        if levels:
+            section = _level_scores(predicted, class_names=data["class_names"], **levels)
+            per_fold[-1]["level_accuracy"] = _level_accuracies(section)
     summary = {m: _mean_sd([row[m] for row in per_fold]) for m in FOLD_METRICS}
+    if levels:
+        summary["level_accuracy"] = [
+            _mean_sd([row["level_accuracy"][k] for row in per_fold])
+            for k in range(taxonomy.num_levels)
+        ]
     repeats = []
     for r in range(int(data["repeats"])):
         members = [i for i in range(r * k, (r + 1) * k) if i in predictions]
         if not members:
             continue
-        pooled = _pooled([predictions[i] for i in members], data, bootstrap, seed)
+        pooled = _pooled([predictions[i] for i in members], data, bootstrap, seed, levels)
         pooled.update(
             repeat=r,
             folds=members,
@@ -582,6 +672,36 @@ def _figure(result: dict, path: str) -> None:
         f.write(buffer.getvalue())
 
 
+def _render_levels(section: dict | None) -> list[str]:
+    """The per-level table of one repeat's pooled predictions (none without a taxonomy)."""
+    if not section:
+        return []
+    lines = [
+        "",
+        "Per taxonomy level (top-down greedy walk; in brackets the per-level argmax of the "
+        "node marginals):",
+        "",
+        "| level | nodes | examples | " + " | ".join(_NAMES[m] for m in FOLD_METRICS) + " |",
+        "|" + "---|" * (3 + len(FOLD_METRICS)),
+    ]
+    for entry in section["levels"]:
+        head = f"| {entry['level']} | {len(entry['nodes'])} | {entry['n']} | "
+        if "skipped" in entry:
+            lines.append(head + " | ".join("n/a" for _ in FOLD_METRICS) + " |")
+            continue
+        greedy, argmax = entry["greedy"], entry["marginal_argmax"]
+        lines.append(
+            head + " | ".join(f"{_fmt(greedy[m])} ({_fmt(argmax[m])})" for m in FOLD_METRICS) + " |"
+        )
+    consistency = section["consistency"]["marginal_argmax"]
+    if isinstance(consistency, dict) and consistency.get("fraction") is not None:
+        lines += [
+            "",
+            f"Per-level argmaxes that form a path: {_fmt(consistency['fraction'])} of the examples.",
+        ]
+    return lines
+
+
 def render(result: dict) -> str:
     """``crossval_report.md`` from ``crossval_metrics.json``."""
     lines = [
@@ -614,6 +734,21 @@ def render(result: dict) -> str:
         + " | ".join(f"{_fmt(summary[m]['mean'])} ± {_fmt(summary[m]['sd'])}" for m in FOLD_METRICS)
         + " |"
     )
+    if "level_accuracy" in summary:
+        lines += [
+            "",
+            "Taxonomy levels, accuracy of the top-down greedy walk per fold: "
+            + "; ".join(
+                f"level {k} "
+                + (
+                    f"{_fmt(stats['mean'])} ± {_fmt(stats['sd'])}"
+                    if stats["mean"] is not None
+                    else "n/a (no label reaches it)"
+                )
+                for k, stats in enumerate(summary["level_accuracy"])
+            )
+            + ".",
+        ]
     lines += ["", f"![per-fold spread]({FIGURE_FILE})", ""]
     for pooled in result["pooled"]:
         state = "" if pooled["complete"] else " (incomplete: some folds not finished)"
@@ -638,6 +773,7 @@ def render(result: dict) -> str:
             "",
             "Recall per class: " + ", ".join(f"{c} {_fmt(v)}" for c, v in recall.items()) + ".",
         ]
+        lines += _render_levels(pooled.get("levels"))
         for level in ("slide", "patient"):
             section = pooled.get(level)
             if not section:

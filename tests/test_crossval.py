@@ -190,6 +190,50 @@ def test_two_fold_crossval_end_to_end(tmp_path, synthetic_data_dir):
         crossval_lib.aggregate(cv_dir, bootstrap=0)
 
 
+def test_taxonomy_folds_are_scored_per_level(tmp_path, synthetic_data_dir):
+    from leukemia_tf import crossval_lib
+    from leukemia_tf.evaluation import levels as levels_lib
+    from leukemia_tf.taxonomy import Taxonomy
+
+    config = _cv_config(tmp_path, synthetic_data_dir, label_mode="taxonomy", head="hierarchical")
+    crossval_lib.run(config, num_folds=2)
+    cv_dir = config.model_dir
+    result = crossval_lib.aggregate(cv_dir, bootstrap=0)
+    taxonomy = Taxonomy.load()
+    oof = [dict(np.load(Path(cv_dir, f"fold_{i}", "oof_predictions.npz"))) for i in (0, 1)]
+    levels = np.concatenate([f["levels"] for f in oof])
+    assert levels.shape[1] == taxonomy.num_levels
+    # The level marginals are the hierarchical head's: each level sums to one.
+    level_0 = np.concatenate([f["level_probs_0"] for f in oof])
+    np.testing.assert_allclose(level_0.sum(axis=1), 1.0, atol=1e-4)
+    section = result["pooled"][0]["levels"]
+    walk = levels_lib.greedy_walk(
+        [np.concatenate([f[f"level_probs_{k}"] for f in oof]) for k in range(taxonomy.num_levels)],
+        taxonomy,
+    )
+    for k, entry in enumerate(section["levels"]):
+        reached = levels[:, k] >= 0
+        if not reached.any():
+            assert "skipped" in entry
+            continue
+        want = float((walk[reached, k] == levels[reached, k]).mean())
+        assert entry["n"] == int(reached.sum())
+        assert entry["greedy"]["accuracy"] == pytest.approx(want)
+    per_fold = [row["level_accuracy"] for row in result["per_fold"]]
+    assert len(per_fold) == 2 and all(len(row) == taxonomy.num_levels for row in per_fold)
+    mean_0 = result["summary"]["level_accuracy"][0]["mean"]
+    assert mean_0 == pytest.approx(np.mean([row[0] for row in per_fold]))
+    report = Path(result["report_path"]).read_text()
+    assert "Per taxonomy level" in report and "Taxonomy levels, accuracy" in report
+
+    # An out-of-fold cache without the level arrays (an older one) is recomputed.
+    cache = Path(cv_dir, "fold_0", "oof_predictions.npz")
+    np.savez(cache, **{k: v for k, v in oof[0].items() if not k.startswith("level")})
+    again = crossval_lib.aggregate(cv_dir, bootstrap=0)
+    assert "levels" in np.load(cache)
+    assert again["pooled"][0]["levels"]["levels"] == section["levels"]
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
