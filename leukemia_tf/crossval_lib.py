@@ -990,13 +990,17 @@ def build_ensemble(cv_dir: str, repeat: int | None = None) -> tuple[dict, list]:
     return record, members
 
 
-def _split_probabilities(trained, specs, split: str, data_dir, batch_size: int):
-    """``(labels, probabilities at temperature 1)`` of a model over a split."""
+def _split_predictions(trained, specs, split: str, data_dir, batch_size: int) -> dict:
+    """``{"label", "probs"}`` (temperature 1) of a model over a split, plus its level arrays."""
     from leukemia_tf.evaluation.predictions import predict_split
 
     predicted = predict_split(trained, specs, split, data_dir, batch_size)
     probs = trained.label_space.probabilities(predicted.outputs, 1.0).numpy()
-    return predicted.labels.astype(np.int64), probs.astype(np.float64)
+    return {
+        "label": predicted.labels.astype(np.int64),
+        "probs": probs.astype(np.float64),
+        **_level_arrays(trained, predicted, probs),
+    }
 
 
 def ensemble(
@@ -1038,18 +1042,29 @@ def ensemble(
     target = ensemble_dir(cv_dir)
     combined = rundir.load_trained_model(target, trust=False)
     num_classes = len(combined.class_names)
+    levels = None
+    if combined.taxonomy is not None:
+        levels = {
+            "taxonomy": combined.taxonomy,
+            "hierarchical": combined.config.head == "hierarchical",
+            "class_names": combined.class_names,
+        }
     labels, per_fold, fold_probs = None, [], []
     for fold, member in zip(record["folds"], members, strict=True):
-        fold_labels, probs = _split_probabilities(member, specs, split, data_dir, batch_size)
+        predicted = _split_predictions(member, specs, split, data_dir, batch_size)
+        probs = predicted["probs"]
         if labels is None:
-            labels = fold_labels
-        elif not np.array_equal(labels, fold_labels):
+            labels = predicted["label"]
+        elif not np.array_equal(labels, predicted["label"]):
             raise RuntimeError(f"fold_{fold} read {split!r} in another order than the others")
         fold_probs.append(probs)
         row = metrics_lib.headline_metrics(labels, probs.argmax(axis=1), probs, num_classes)
+        if levels:
+            row["level_accuracy"] = _level_accuracies(_level_scores(predicted, **levels))
         per_fold.append({"fold": fold, "repeat": fold // int(data["num_folds"]), **row})
-    ens_labels, ens_probs = _split_probabilities(combined, specs, split, data_dir, batch_size)
-    if not np.array_equal(labels, ens_labels):
+    predicted = _split_predictions(combined, specs, split, data_dir, batch_size)
+    ens_probs = predicted["probs"]
+    if not np.array_equal(labels, predicted["label"]):
         raise RuntimeError(f"the ensemble read {split!r} in another order than the fold models")
     difference = float(np.max(np.abs(ens_probs - np.mean(fold_probs, axis=0))))
     if not difference <= 1e-4:
@@ -1061,6 +1076,12 @@ def ensemble(
         labels, ens_probs.argmax(axis=1), ens_probs, num_classes
     )
     summary = {m: _mean_sd([row[m] for row in per_fold]) for m in FOLD_METRICS}
+    if levels:
+        ensemble_row["level_accuracy"] = _level_accuracies(_level_scores(predicted, **levels))
+        summary["level_accuracy"] = [
+            _mean_sd([row["level_accuracy"][k] for row in per_fold])
+            for k in range(combined.taxonomy.num_levels)
+        ]
     held_out = not set(names.split_names(split)) & set(names.split_names(data["split"]))
     result = _finite(
         {
@@ -1157,6 +1178,23 @@ def render_ensemble(result: dict) -> str:
         )
         + ".",
         "",
+    ]
+    if "level_accuracy" in single:
+        lines += [
+            "Taxonomy levels, accuracy of the top-down greedy walk:",
+            "",
+            "| level | single models, mean ± sd | ensemble |",
+            "|---|---|---|",
+        ]
+        for k, stats in enumerate(single["level_accuracy"]):
+            value = result["ensemble"]["level_accuracy"][k]
+            lines.append(
+                f"| {k} | {_fmt(stats['mean'])} ± {_fmt(stats['sd'])} | {_fmt(value)} |"
+                if value is not None
+                else f"| {k} | n/a (no label reaches it) | n/a |"
+            )
+        lines.append("")
+    lines += [
         "## Reading this",
         "",
         "- The ensemble's probabilities are the mean of the fold models' probabilities (on these "

@@ -233,6 +233,16 @@ def test_taxonomy_folds_are_scored_per_level(tmp_path, synthetic_data_dir):
     assert "levels" in np.load(cache)
     assert again["pooled"][0]["levels"]["levels"] == section["levels"]
 
+    # The fold ensemble's report scores every level too, for each fold model and the ensemble.
+    scored = crossval_lib.ensemble(cv_dir, split="test")
+    rows = [row["level_accuracy"] for row in scored["per_fold"]]
+    ensemble_levels = scored["ensemble"]["level_accuracy"]
+    assert len(ensemble_levels) == taxonomy.num_levels and ensemble_levels[0] is not None
+    assert 0.0 <= ensemble_levels[0] <= 1.0
+    single = scored["single_models"]["level_accuracy"][0]["mean"]
+    assert single == pytest.approx(np.mean([row[0] for row in rows]))
+    assert "Taxonomy levels, accuracy" in Path(scored["report_path"]).read_text()
+
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(
