@@ -211,6 +211,17 @@ def test_ensemble_scores_and_serves_like_any_run(cv_dir, synthetic_data_dir, tmp
     np.testing.assert_allclose(
         served["probabilities"].numpy(), _mean_of_folds(folds, pixels[:1]), atol=1e-5
     )
+    # LiteRT: the float32 file of the whole ensemble passes the export's own check against the
+    # Keras model and gives the mean of the folds' probabilities.
+    from leukemia_tf.serving import litert
+
+    lite = litert.export_litert(str(target), tmp_path / "litert")
+    assert lite.check["max_abs_difference"] <= 1e-4
+    np.testing.assert_allclose(
+        litert.LiteRTModel(lite.file)(pixels)["probabilities"],
+        _mean_of_folds(folds, pixels),
+        atol=1e-4,
+    )
 
     # fit_trust refuses an ensemble in one sentence, and writes nothing.
     from leukemia_tf import trust_lib
