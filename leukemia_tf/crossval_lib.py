@@ -59,14 +59,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from leukemia_tf import rundir
+from leukemia_tf import rundir, trust_lib
 from leukemia_tf.data import folds as folds_lib
 from leukemia_tf.data import names, pipeline
 from leukemia_tf.data.folds import FoldError
 from leukemia_tf.evaluation import aggregate as aggregate_lib
 from leukemia_tf.evaluation import levels as levels_lib
 from leukemia_tf.evaluation import metrics as metrics_lib
-from leukemia_tf.models.heads import level_key
 from leukemia_tf.taxonomy import Taxonomy
 from leukemia_tf.training import model_factory
 from leukemia_tf.training.config import TrainConfig
@@ -333,23 +332,17 @@ def _read_npz(path: str) -> dict:
             return {k: loaded[k] for k in loaded.files}
 
 
-def _level_arrays(trained, predicted, probs: np.ndarray) -> dict:
+def _level_arrays(trained, predicted) -> dict:
     """``levels`` ``[N, L]`` and ``level_probs_<k>`` ``[N, n_k]`` of a taxonomy model, else {}.
 
-    The node marginals are those of ``evaluate``'s per-level section:
-    ``LabelSpace.level_probabilities`` for a hierarchical head, the summed
-    class probabilities under each node for a flat head over taxonomy nodes.
+    The node marginals are :func:`trust_lib.level_probabilities_of`'s (as in
+    ``evaluate``'s per-level section): the hierarchical head's marginals, or
+    the summed class probabilities under each node for a flat head.
     """
-    taxonomy = trained.taxonomy
-    if taxonomy is None or predicted.levels is None:
+    if trained.taxonomy is None or predicted.levels is None:
         return {}
-    if trained.config.head == "hierarchical":
-        marginals = trained.label_space.level_probabilities(predicted.outputs)
-        level_probs = [marginals[level_key(k)].numpy() for k in range(taxonomy.num_levels)]
-    else:
-        level_probs = levels_lib.flat_level_probabilities(probs, trained.class_names, taxonomy)
     out = {"levels": np.asarray(predicted.levels, np.int64)}
-    for k, p in enumerate(level_probs):
+    for k, p in enumerate(trust_lib.level_probabilities_of(predicted.outputs, trained)):
         out[f"level_probs_{k}"] = np.asarray(p, np.float32)
     return out
 
@@ -391,7 +384,7 @@ def fold_predictions(fold_run: str, batch_size: int = 64) -> dict:
         "probs": probs.astype(np.float32),
         "patient_id": predicted.patient_id.astype(str),
         "slide_id": predicted.slide_id.astype(str),
-        **_level_arrays(trained, predicted, probs),
+        **_level_arrays(trained, predicted),
     }
     _write_npz(path, out)
     return out
@@ -463,6 +456,11 @@ def _level_accuracies(section: dict | None) -> list:
     if section is None:
         return []
     return [e["greedy"]["accuracy"] if "greedy" in e else None for e in section["levels"]]
+
+
+def _level_summary(rows: list[dict], num_levels: int) -> list[dict]:
+    """Mean and sd over ``rows`` (folds) of each level's ``level_accuracy``."""
+    return [_mean_sd([row["level_accuracy"][k] for row in rows]) for k in range(num_levels)]
 
 
 def _concat(fold_runs: list[dict]) -> dict:
@@ -561,10 +559,7 @@ def aggregate(cv_dir: str, bootstrap: int = 1000, batch_size: int = 64, seed: in
             per_fold[-1]["level_accuracy"] = _level_accuracies(section)
     summary = {m: _mean_sd([row[m] for row in per_fold]) for m in FOLD_METRICS}
     if levels:
-        summary["level_accuracy"] = [
-            _mean_sd([row["level_accuracy"][k] for row in per_fold])
-            for k in range(taxonomy.num_levels)
-        ]
+        summary["level_accuracy"] = _level_summary(per_fold, taxonomy.num_levels)
     repeats = []
     for r in range(int(data["repeats"])):
         members = [i for i in range(r * k, (r + 1) * k) if i in predictions]
@@ -999,7 +994,7 @@ def _split_predictions(trained, specs, split: str, data_dir, batch_size: int) ->
     return {
         "label": predicted.labels.astype(np.int64),
         "probs": probs.astype(np.float64),
-        **_level_arrays(trained, predicted, probs),
+        **_level_arrays(trained, predicted),
     }
 
 
@@ -1078,10 +1073,7 @@ def ensemble(
     summary = {m: _mean_sd([row[m] for row in per_fold]) for m in FOLD_METRICS}
     if levels:
         ensemble_row["level_accuracy"] = _level_accuracies(_level_scores(predicted, **levels))
-        summary["level_accuracy"] = [
-            _mean_sd([row["level_accuracy"][k] for row in per_fold])
-            for k in range(combined.taxonomy.num_levels)
-        ]
+        summary["level_accuracy"] = _level_summary(per_fold, combined.taxonomy.num_levels)
     held_out = not set(names.split_names(split)) & set(names.split_names(data["split"]))
     result = _finite(
         {
