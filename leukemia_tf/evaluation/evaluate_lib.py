@@ -470,10 +470,58 @@ def _evaluate(
     specs, data_dir, sizes = _check_data(trained, options)
     out_dir.mkdir(parents=True, exist_ok=True)
     ev = _predictions(trained, options, specs, data_dir, sizes)
+    common = _common_sections(options, ev, ev, ood_items, out_dir, adaptation)
+    data = sections.data_section(options, ev)
+    caveats = common.caveats(
+        patient_ids=bool((ev.predictions.patient_id != "").any()), n_excluded=data["n_excluded"]
+    )
+    return _write(_metrics(options, adaptation, data, {}, common, caveats), out_dir, start)
+
+
+@dataclasses.dataclass
+class _Common:
+    """The sections that evaluating a split and evaluating image files share."""
+
+    ev: EvaluatedSplit
+    cell: dict
+    calibration: dict
+    notes: list[str]
+    levels: dict | None
+    groups: dict
+    figures: dict[str, str]
+    trusted: dict
+    trust_caveats: list[str]
+    explanations: dict
+
+    def caveats(self, *, patient_ids: bool, n_excluded: int) -> list[str]:
+        """:func:`report.caveats` of these sections (the trust caveats not included)."""
+        return report_lib.caveats(
+            self.notes,
+            synthetic=any(s.builder_name == "leukemia_synthetic" for s in self.ev.specs),
+            patient_ids=patient_ids,
+            cell=self.cell,
+            explanation_method=self.explanations.get("method"),
+            n_excluded=n_excluded,
+        )
+
+
+def _common_sections(
+    options: EvalOptions,
+    ev: EvaluatedSplit,
+    levels_ev: EvaluatedSplit,
+    ood_items: list[predict_lib.InputImage] | None,
+    out_dir: Path,
+    adaptation: dict | None,
+) -> _Common:
+    """Cell, calibration, levels (of ``levels_ev``), groups, figures, trust and explanations.
+
+    One function each, called in the order of their side effects (a temperature
+    written, figures drawn, explanations saved).
+    """
     cell = sections.cell_section(options, ev)
     validation = sections.validation_pass(options, ev)
     calibration, notes = sections.calibration_section(options, ev, validation)
-    levels = sections.levels_section(ev)
+    levels = sections.levels_section(levels_ev)
     groups = sections.group_sections(options, ev)
     figures = figure_sections.figures_section(
         options, ev, cell, calibration, levels, groups, out_dir
@@ -482,32 +530,10 @@ def _evaluate(
         options, ev, validation, ood_items, out_dir, adaptation
     )
     figures.update(trust_figures)
-    explanations = figure_sections.explanations_section(trained, ev.sampler, out_dir)
-    data = sections.data_section(options, ev)
-    caveats = report_lib.caveats(
-        notes,
-        synthetic=any(s.builder_name == "leukemia_synthetic" for s in specs),
-        patient_ids=bool((ev.predictions.patient_id != "").any()),
-        cell=cell,
-        explanation_method=explanations.get("method"),
-        n_excluded=data["n_excluded"],
+    explanations = figure_sections.explanations_section(ev.trained, ev.sampler, out_dir)
+    return _Common(
+        ev, cell, calibration, notes, levels, groups, figures, trusted, trust_caveats, explanations
     )
-    result = _metrics(
-        trained,
-        options,
-        adaptation,
-        data,
-        {},
-        cell,
-        calibration,
-        levels,
-        groups,
-        explanations,
-        figures,
-        caveats + trust_caveats,
-        trusted,
-    )
-    return _write(result, out_dir, start)
 
 
 def _trust(
@@ -541,45 +567,39 @@ def _trust(
 
 
 def _metrics(
-    trained,
-    options,
-    adaptation,
-    data,
-    extra,
-    cell,
-    calibration,
-    levels,
-    groups,
-    explanations,
-    figures,
-    caveats,
-    trusted,
+    options: EvalOptions,
+    adaptation: dict | None,
+    data: dict,
+    extra: dict,
+    common: _Common,
+    caveats: list[str],
 ) -> dict:
     """The contents of ``metrics.json`` from its sections (``extra`` follows ``data``).
 
-    ``trusted``: the trust sections (``selective``, ``hierarchy``, ``ood``), after
-    the slide and patient sections. The caveats of the explanations (shortcuts
-    on burned-in marks) come first.
+    The trust sections (``selective``, ``hierarchy``, ``ood``) follow the slide
+    and patient sections. Caveats: those of the explanations (shortcuts on
+    burned-in marks) first, then ``caveats``, then the trust caveats.
     """
+    trained = common.ev.trained
     return {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": {**sections.model_section(options, trained), "adapted_batchnorm": adaptation},
         "data": data,
         **extra,
         "decisions": report_lib.decisions(trained.config.head == "hierarchical"),
-        "cell": cell,
-        "calibration": calibration,
-        "levels": levels,
-        "slide": groups["slide"],
-        "patient": groups["patient"],
-        **trusted,
-        "explanations": explanations,
-        "figures": figures,
-        "caveats": explanations.get("caveats", []) + caveats,
+        "cell": common.cell,
+        "calibration": common.calibration,
+        "levels": common.levels,
+        "slide": common.groups["slide"],
+        "patient": common.groups["patient"],
+        **common.trusted,
+        "explanations": common.explanations,
+        "figures": common.figures,
+        "caveats": common.explanations.get("caveats", []) + caveats + common.trust_caveats,
         "bootstrap": {
             "n_resamples": options.bootstrap,
             "seed": options.seed,
-            "unit": cell["ci"]["unit"],
+            "unit": common.cell["ci"]["unit"],
         },
     }
 
@@ -731,52 +751,22 @@ def _evaluate_images(
         else external.evaluated_split(trained, predicted, sampler, class_level=False)
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    cell = sections.cell_section(options, ev)
-    validation = sections.validation_pass(options, ev)
-    calibration, notes = sections.calibration_section(options, ev, validation)
-    levels = sections.levels_section(everything)
-    groups = sections.group_sections(options, ev)
-    figures = figure_sections.figures_section(
-        options, ev, cell, calibration, levels, groups, out_dir
-    )
-    trusted, trust_figures, trust_caveats = _trust(
-        options, ev, validation, ood_items, out_dir, adaptation
-    )
-    figures.update(trust_figures)
-    explanations = figure_sections.explanations_section(trained, sampler, out_dir)
+    common = _common_sections(options, ev, everything, ood_items, out_dir, adaptation)
     units, _ = sections.bootstrap_units(ev.predictions)
     restricted = external.restricted_scores(ev, units, options.bootstrap, options.seed)
     present = sorted(int(c) for c in np.unique(ev.y_true))
     external.write_predictions(
         str(out_dir / external.PREDICTIONS_FILE), predicted, trained.class_names, present
     )
-    section = external.external_section(predicted, targets, ev, cell, restricted, levels)
+    section = external.external_section(
+        predicted, targets, ev, common.cell, restricted, common.levels
+    )
     data = sections.data_section(options, ev)
     data.update(datasets=section["source"], data_dir=None, sources=[section["source"]])
     data.update(n_in_split=section["n_images"], n_excluded=section["n_images"] - len(ev.y_true))
     ids = (ev.predictions.patient_id != "").any() or (ev.predictions.slide_id != "").any()
-    caveats = report_lib.caveats(
-        notes,
-        synthetic=any(s.builder_name == "leukemia_synthetic" for s in ev.specs),
-        patient_ids=True,  # the split-leakage caveat is about TFDS splits
-        cell=cell,
-        explanation_method=explanations.get("method"),
-        n_excluded=0,
-    )
+    # patient_ids=True: the split-leakage caveat is about TFDS splits.
+    caveats = common.caveats(patient_ids=True, n_excluded=0)
     caveats += report_lib.external_caveats(section, group_ids=bool(ids))
-    result = _metrics(
-        trained,
-        options,
-        adaptation,
-        data,
-        {"external": section},
-        cell,
-        calibration,
-        levels,
-        groups,
-        explanations,
-        figures,
-        caveats + trust_caveats,
-        trusted,
-    )
+    result = _metrics(options, adaptation, data, {"external": section}, common, caveats)
     return _write(result, out_dir, start)
