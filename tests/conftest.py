@@ -14,6 +14,9 @@ test session into a temporary ``data_dir``:
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +141,46 @@ TINY_TRAIN = dict(
     strategy="default",
     verbose=0,
 )
+
+
+#: Search-space flags that fix everything a tuning test does not search.
+TUNE_FIXED = dict(
+    hidden_units_choices="0",
+    weight_decay_range="0.05",
+    label_smoothing_range="0.1",
+    augment_magnitude_range="0.3",
+    mixup_alpha_choices="0",
+    cutmix_alpha_choices="0",
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(
+    module: str, *args: str, cwd: str | os.PathLike | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a subprocess (absl parses flags once per
+    process), with the repository importable from any working directory
+    (default: the repository)."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single ``error:`` line of a user error: exit status 2 and nothing else on stderr."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
 
 
 def tiny_train_config(data_dir: str, model_dir, **overrides):

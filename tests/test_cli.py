@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import one_error_line, run_module
 
 from leukemia_tf import cli
 from leukemia_tf.training import config as config_lib
@@ -26,25 +27,7 @@ QUICKSTART = REPO / "configs" / "quickstart.flags"
 def _run(
     args: list[str], cwd: Path, module: str = "leukemia_tf.train"
 ) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The single ``error:`` line of a user error (and nothing else on stderr)."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    return lines[0]
+    return run_module(module, *args, cwd=cwd)
 
 
 def _train(tmp_path: Path, *flags: str, data_dir: str) -> tuple[str, Path]:
@@ -56,7 +39,7 @@ def _train(tmp_path: Path, *flags: str, data_dir: str) -> tuple[str, Path]:
         [f"--flagfile={QUICKSTART}", f"--model_dir={model_dir}", f"--data_dir={data_dir}", *flags],
         cwd=work,
     )
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert os.listdir(work) == [], "a refused run wrote into the working directory"
     return line, model_dir
 
@@ -109,7 +92,7 @@ def test_finished_model_dir_is_refused_before_anything_is_written(tmp_path):
         [f"--flagfile={QUICKSTART}", f"--model_dir={model_dir}", f"--data_dir={tmp_path / 'd'}"],
         cwd=work,
     )
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert line == (
         f"error: --model_dir='{model_dir}' holds a finished run (train_summary.json); choose "
         "another directory or pass --overwrite to start afresh"
@@ -120,12 +103,12 @@ def test_finished_model_dir_is_refused_before_anything_is_written(tmp_path):
 
 def test_flag_parsing_errors_take_the_same_form(tmp_path):
     proc = _run([f"--flagfile={QUICKSTART}", "--precision=fp8"], cwd=tmp_path)
-    assert _one_error_line(proc) == (
+    assert one_error_line(proc) == (
         "error: flag --precision=fp8: value should be one of "
         "<auto|float32|mixed_float16|mixed_bfloat16>"
     )
     proc = _run(["--model_dir=x", "stray"], cwd=tmp_path, module="leukemia_tf.evaluate")
-    assert "unexpected arguments ['stray']" in _one_error_line(proc)
+    assert "unexpected arguments ['stray']" in one_error_line(proc)
     assert os.listdir(tmp_path) == []
 
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_train_config
+from conftest import one_error_line, run_module, tiny_train_config
 
 from leukemia_tf.data import folds as folds_lib
 
@@ -244,20 +241,6 @@ def test_taxonomy_folds_are_scored_per_level(tmp_path, synthetic_data_dir):
     assert "Taxonomy levels, accuracy" in Path(scored["report_path"]).read_text()
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "leukemia_tf.crossval", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_user_errors_are_one_line(tmp_path, synthetic_data_dir):
     # --aggregate with no finished fold, then more folds than a class has patients.
     cv_dir = tmp_path / "cv"
@@ -265,10 +248,8 @@ def test_user_errors_are_one_line(tmp_path, synthetic_data_dir):
     from leukemia_tf import crossval_lib
 
     crossval_lib.prepare_folds(config, 2)
-    proc = _run([f"--model_dir={cv_dir}", "--aggregate"], tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --aggregate: no fold"), lines
-    assert "fold_0, fold_1" in lines[0]
+    proc = run_module("leukemia_tf.crossval", f"--model_dir={cv_dir}", "--aggregate", cwd=tmp_path)
+    line = one_error_line(proc)
+    assert line.startswith("error: --aggregate: no fold") and "fold_0, fold_1" in line, line
     with pytest.raises(folds_lib.FoldError, match=r"--folds=50 is larger than the \d+ group"):
         crossval_lib.prepare_folds(_cv_config(tmp_path / "b", synthetic_data_dir), 50)

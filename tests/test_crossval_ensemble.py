@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_train_config
+from conftest import one_error_line, run_module, tiny_train_config
 
 from leukemia_tf.data import folds as folds_lib
 
@@ -297,19 +294,7 @@ def test_no_finished_fold_is_a_one_line_error(tmp_path, synthetic_data_dir):
     cv = tmp_path / "cv"
     config = tiny_train_config(synthetic_data_dir, cv, steps_per_epoch=2, verbose=0)
     crossval_lib.prepare_folds(config, 2)
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "leukemia_tf.crossval", f"--model_dir={cv}", "--ensemble"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --ensemble: no fold"), lines
-    assert "fold_0, fold_1" in lines[0]
+    proc = run_module("leukemia_tf.crossval", f"--model_dir={cv}", "--ensemble", cwd=tmp_path)
+    line = one_error_line(proc)
+    assert line.startswith("error: --ensemble: no fold") and "fold_0, fold_1" in line, line
     assert not (cv / "ensemble").exists()

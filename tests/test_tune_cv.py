@@ -13,14 +13,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, TUNE_FIXED, one_error_line, run_module
 
 from leukemia_tf.data import folds as folds_lib
 from leukemia_tf.training.config import ConfigError, TrainConfig
@@ -30,14 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 K = 2
 TINY = {**TINY_TRAIN, "epochs": 1, "steps_per_epoch": 2}
 #: Searches dropout and the learning rate; fixes the rest.
-FIXED = dict(
-    hidden_units_choices="0",
-    weight_decay_range="0.05",
-    label_smoothing_range="0.1",
-    augment_magnitude_range="0.3",
-    mixup_alpha_choices="0",
-    cutmix_alpha_choices="0",
-)
+FIXED = TUNE_FIXED
 
 
 @dataclasses.dataclass
@@ -287,28 +279,14 @@ def test_an_older_search_without_cv_folds_still_resumes(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    proc = run_module(
+        "leukemia_tf.tune",
+        "--flagfile=configs/tune_smoke.flags",
+        f"--tune_dir={tmp_path / 't'}",
+        "--cv_folds=1",
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "leukemia_tf.tune",
-            "--flagfile=configs/tune_smoke.flags",
-            f"--tune_dir={tmp_path / 't'}",
-            "--cv_folds=1",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == "error: --cv_folds=1: need at least 2 folds (0: no cross-validation)"
-    assert not any("Traceback" in line for line in lines)
+    line = one_error_line(proc)
+    assert line == "error: --cv_folds=1: need at least 2 folds (0: no cross-validation)"
     assert not (tmp_path / "t").exists()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from absl import flags
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, TUNE_FIXED
 
 from leukemia_tf import rundir
 from leukemia_tf.training.config import ConfigError, TrainConfig
@@ -29,14 +29,7 @@ TUNE_CONFIGS = sorted((REPO / "configs").glob("tune*.flags"))
 
 TINY = {**TINY_TRAIN, "epochs": 2, "steps_per_epoch": 2}
 #: Fix everything but what a test searches.
-FIXED = dict(
-    hidden_units_choices="0",
-    weight_decay_range="0.05",
-    label_smoothing_range="0.1",
-    augment_magnitude_range="0.3",
-    mixup_alpha_choices="0",
-    cutmix_alpha_choices="0",
-)
+FIXED = TUNE_FIXED
 
 
 def _values(space) -> dict:
