@@ -28,8 +28,6 @@ from leukemia_tf.tuning import search_space
 REPO = Path(__file__).resolve().parents[1]
 K = 2
 TINY = {**TINY_TRAIN, "epochs": 1, "steps_per_epoch": 2}
-#: Searches dropout and the learning rate; fixes the rest.
-FIXED = TUNE_FIXED
 
 
 @dataclasses.dataclass
@@ -52,7 +50,7 @@ def cv_search(tmp_path_factory, synthetic_data_dir) -> CvSearch:
     tune_dir = tmp_path_factory.mktemp("tune_cv") / "search"
     base = TrainConfig(data_dir=synthetic_data_dir, **TINY)
     search = search_space.SearchConfig(
-        tune_dir=str(tune_dir), tuner="random", max_trials=1, cv_folds=K, **FIXED
+        tune_dir=str(tune_dir), tuner="random", max_trials=1, cv_folds=K, **TUNE_FIXED
     )
     interrupted = []
 
@@ -213,7 +211,7 @@ def test_best_trial_trains_and_retrains_on_the_recipe_splits(cv_search):
 
 # ----------------------------------------------------------------- bad input
 def _search(tmp_path, **overrides) -> search_space.SearchConfig:
-    return search_space.SearchConfig(tune_dir=str(tmp_path / "t"), **{**FIXED, **overrides})
+    return search_space.SearchConfig(tune_dir=str(tmp_path / "t"), **{**TUNE_FIXED, **overrides})
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = sorted((REPO / "configs").glob("tune*.flags"))
 
 TINY = {**TINY_TRAIN, "epochs": 2, "steps_per_epoch": 2}
-#: Fix everything but what a test searches.
-FIXED = TUNE_FIXED
 
 
 def _values(space) -> dict:
@@ -130,7 +128,7 @@ def hyperband_search(tmp_path_factory, synthetic_data_dir) -> Search:
     tune_dir = str(tmp_path_factory.mktemp("tune") / "hyperband")
     base = TrainConfig(data_dir=synthetic_data_dir, **TINY)
     search = search_space.SearchConfig(
-        tune_dir=tune_dir, tuner="hyperband", hyperband_factor=2, **FIXED
+        tune_dir=tune_dir, tuner="hyperband", hyperband_factor=2, **TUNE_FIXED
     )
 
     def interrupt(trial_id: str, epoch: int, logs: dict) -> None:
@@ -274,7 +272,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, synthetic_d
         heads="flat,hierarchical",
         learning_rate_range="1e12",
         dropout_range="0.1",
-        **FIXED,
+        **TUNE_FIXED,
     )
     result = tune_lib.run_search(base, search)
     # Only two combinations exist: the oracle stops after both ran and failed.
@@ -298,7 +296,7 @@ def test_too_many_consecutive_failures_stop_with_the_table_written(tmp_path, syn
         max_trials=5,
         heads="hierarchical",  # invalid with native labels: fails before training
         max_consecutive_failed_trials=2,
-        **FIXED,
+        **TUNE_FIXED,
     )
     with pytest.raises(tune_lib.SearchError, match="2 trials failed in a row"):
         tune_lib.run_search(base, search)
