@@ -176,6 +176,24 @@ class Taxonomy:
         self.node(name)
         return self._level_index[name]
 
+    def level_membership(self, class_names: Iterable[str]) -> list[np.ndarray]:
+        """Per level, ``[C, n_k]`` float32: 1 where class ``c`` is at or below node ``k``.
+
+        A flat head's probabilities times a level's matrix are that level's node
+        marginals (each node's probability is the sum over the classes under it);
+        a class above the level has no node there (a zero row).
+        """
+        class_names = list(class_names)
+        out = []
+        for level, nodes in enumerate(self.levels):
+            matrix = np.zeros((len(class_names), len(nodes)), np.float32)
+            for c, name in enumerate(class_names):
+                path = self.path(name)
+                if len(path) > level:
+                    matrix[c, self.level_index(path[level])] = 1.0
+            out.append(matrix)
+        return out
+
     def level_parents(self, level: int) -> np.ndarray:
         """For each node of ``level``, the index of its parent in ``level - 1``.
 

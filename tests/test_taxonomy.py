@@ -48,6 +48,18 @@ def test_level_parents(tax):
     np.testing.assert_array_equal(tax.level_parents(3), [0, 0, 0])
 
 
+def test_level_membership_marks_each_class_under_its_nodes(tax):
+    # Classes may sit at any depth: a leaf deep down, an inner node, a top-level leaf.
+    names = ["pre_b", "AML", "leukemia", "normal"]
+    level0, level1, level2, level3 = tax.level_membership(names)
+    assert level0.shape == (4, 3) and level3.shape == (4, 3)
+    np.testing.assert_array_equal(level0, [[0, 0, 1], [0, 0, 1], [0, 0, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(level1, [[1, 0], [1, 0], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(level2[:, tax.level_index("ALL")], [1, 0, 0, 0])
+    np.testing.assert_array_equal(level2[:, tax.level_index("AML")], [0, 1, 0, 0])
+    np.testing.assert_array_equal(level3, [[0, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+
+
 def test_leaf_paths_and_leaves_under(tax):
     m = tax.leaf_paths_matrix()
     assert m.shape == (len(tax.leaves), tax.num_levels)

@@ -43,15 +43,8 @@ def flat_level_probabilities(
     A node's probability is the summed probability of the classes at or
     below it.
     """
-    out = []
-    for nodes in taxonomy.levels:
-        membership = np.zeros((len(class_names), len(nodes)))
-        for c, name in enumerate(class_names):
-            path = taxonomy.path(name)
-            for j, node in enumerate(nodes):
-                membership[c, j] = node in path
-        out.append(np.asarray(probs, np.float64) @ membership)
-    return out
+    probs = np.asarray(probs, np.float64)
+    return [probs @ matrix for matrix in taxonomy.level_membership(class_names)]
 
 
 def greedy_walk(level_probs: Sequence[np.ndarray], taxonomy: Taxonomy) -> np.ndarray:

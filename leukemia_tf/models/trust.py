@@ -309,16 +309,8 @@ def level_probabilities(outputs: dict, label_space: LabelSpace) -> list[tf.Tenso
     probs = label_space.probabilities(outputs, 1.0)
     if label_space.taxonomy is None:
         return [probs]
-    taxonomy = label_space.taxonomy
-    out = []
-    for level, nodes in enumerate(taxonomy.levels):
-        matrix = np.zeros((label_space.num_classes, len(nodes)), np.float32)
-        for c, name in enumerate(label_space.class_names):
-            path = taxonomy.path(name)
-            if len(path) > level:
-                matrix[c, taxonomy.level_index(path[level])] = 1.0
-        out.append(tf.matmul(probs, tf.constant(matrix)))
-    return out
+    membership = label_space.taxonomy.level_membership(label_space.class_names)
+    return [tf.matmul(probs, tf.constant(matrix)) for matrix in membership]
 
 
 def backoff_node_names(tree: Taxonomy) -> list[str]:
