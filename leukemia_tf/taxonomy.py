@@ -183,14 +183,15 @@ class Taxonomy:
         marginals (each node's probability is the sum over the classes under it);
         a class above the level has no node there (a zero row).
         """
-        class_names = list(class_names)
+        names = list(class_names)
+        codes = np.zeros((len(names), self.num_levels), np.int32)
+        for c, name in enumerate(names):
+            codes[c] = self.encode(name)
         out = []
         for level, nodes in enumerate(self.levels):
-            matrix = np.zeros((len(class_names), len(nodes)), np.float32)
-            for c, name in enumerate(class_names):
-                path = self.path(name)
-                if len(path) > level:
-                    matrix[c, self.level_index(path[level])] = 1.0
+            matrix = np.zeros((len(names), len(nodes)), np.float32)
+            (rows,) = np.nonzero(codes[:, level] != NOT_APPLICABLE)
+            matrix[rows, codes[rows, level]] = 1.0
             out.append(matrix)
         return out
 
