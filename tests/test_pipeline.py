@@ -534,42 +534,30 @@ def test_png_data_set_and_file_cache(pipeline_data, tmp_path):
 
 
 def test_input_context_shards_and_uses_the_per_replica_batch(pipeline_data):
+    def read(context=None):
+        return pipeline.load_split(
+            ORIGINAL,
+            "train",
+            data_dir=pipeline_data.data_dir,
+            image_size=8,
+            batch_size=4,
+            training=False,
+            input_context=context,
+        )
+
     shards = []
     for pipeline_id in range(2):
         context = tf.distribute.InputContext(
             num_input_pipelines=2, input_pipeline_id=pipeline_id, num_replicas_in_sync=2
         )
-
-        def shard(context=context):
-            return pipeline.load_split(
-                ORIGINAL,
-                "train",
-                data_dir=pipeline_data.data_dir,
-                image_size=8,
-                batch_size=4,
-                training=False,
-                input_context=context,
-            )
-
         # One dataset per iterator. Peeking one batch and then reading the same in-memory
         # cached dataset to the end lost elements on a loaded 2-core machine (1 of 8 runs with
         # two CPU hogs beside it; 16 of 16 runs of this form passed): the dropped iterator can
         # still be filling the shared cache when the next one starts. The package itself never
         # peeks a dataset it goes on to read.
-        batch = next(iter(shard()))
+        batch = next(iter(read(context)))
         assert batch["image"].shape[0] == 2  # global 4 over 2 replicas
-        shards.append(set(_collect(shard())["file_name"]))
-    everything = set(
-        _collect(
-            pipeline.load_split(
-                ORIGINAL,
-                "train",
-                data_dir=pipeline_data.data_dir,
-                image_size=8,
-                batch_size=4,
-                training=False,
-            )
-        )["file_name"]
-    )
+        shards.append(set(_collect(read(context))["file_name"]))
+    everything = set(_collect(read())["file_name"])
     assert not shards[0] & shards[1]
     assert shards[0] | shards[1] == everything
